@@ -1,0 +1,1 @@
+"""The ``saga`` command line: wires storage, brokers and the core together."""

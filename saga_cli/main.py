@@ -1,0 +1,194 @@
+"""``saga``: demo, graph, and operator commands.
+
+Storage and broker come from ``--database`` / ``--broker`` or ``SAGA_DATABASE_URL`` /
+``SAGA_BROKER_URL``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import anyio
+
+from saga_cli import demo
+from saga_core import DeclarativeSaga, SagaState, SagaStatus, render_mermaid
+from saga_core.errors import SagaError
+
+
+def _load_class(target: str) -> type[DeclarativeSaga]:
+    module_name, _, attr = target.partition(":")
+    if not module_name or not attr:
+        raise SystemExit(f"saga graph: expected MODULE:CLASS, got {target!r}")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise SystemExit(f"saga graph: cannot import {module_name!r}: {exc}") from exc
+    cls = getattr(module, attr, None)
+    if not (isinstance(cls, type) and issubclass(cls, DeclarativeSaga)):
+        raise SystemExit(f"saga graph: {target!r} is not a DeclarativeSaga subclass")
+    return cls
+
+
+def _cmd_graph(args: argparse.Namespace) -> int:
+    sys.path.insert(0, ".")
+    cls = _load_class(args.target)
+    print(render_mermaid(cls.definition()), end="")
+    return 0
+
+
+def _storage(args: argparse.Namespace) -> Any:
+    from saga_storage import create_storage
+
+    return create_storage(args.database)
+
+
+def _age(ts: float) -> str:
+    secs = max(0.0, time.time() - ts)
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if secs >= size:
+            return f"{secs / size:.0f}{unit}"
+    return f"{secs:.0f}s"
+
+
+def _cmd_ls(args: argparse.Namespace) -> int:
+    storage = _storage(args)
+    status = SagaStatus(args.status.upper()) if args.status else None
+    sagas = anyio.run(
+        lambda: storage.list_sagas(
+            status=status, saga_type=args.type, older_than=args.older_than, limit=args.limit
+        )
+    )
+    print(f"{'ID':38} {'TYPE':24} {'STATUS':13} {'AGE':>5}  REASON")
+    for s in sagas:
+        print(
+            f"{s.saga_id:38} {s.saga_type:24} {s.status.value:13} {_age(s.created_at):>5}  {s.reason or ''}"
+        )
+    storage.dispose()
+    return 0
+
+
+def _show(state: SagaState) -> str:
+    lines = [
+        f"saga      {state.saga_id}",
+        f"type      {state.saga_type} (definition {state.definition_hash})",
+        f"status    {state.status.value}" + (f" (reason: {state.reason})" if state.reason else ""),
+        f"created   {state.created_time.isoformat()}  updated {state.updated_time.isoformat()}",
+    ]
+    if state.lease_owner:
+        lines.append(f"lease     {state.lease_owner} (epoch {state.lease_epoch})")
+    if state.error:
+        lines.append(f"failed at {state.failed_step}: {state.error}")
+    lines.append(f"input     {json.dumps(state.input, sort_keys=True)}")
+    lines.append("steps:")
+    for st in state.steps.values():
+        took = ""
+        if st.started_at and st.finished_at:
+            took = f" {1000 * (st.finished_at - st.started_at):.1f}ms"
+        lines.append(f"  {st.name:24} {st.status.value:20} attempts={st.attempts}{took}")
+        if st.result is not None:
+            lines.append(f"  {'':24} result {json.dumps(st.result, sort_keys=True)}")
+        if st.error:
+            lines.append(f"  {'':24} error  {st.error}")
+        if st.compensation_attempts:
+            lines.append(f"  {'':24} compensation attempts={st.compensation_attempts}")
+        if st.compensation_error:
+            lines.append(f"  {'':24} compensation error {st.compensation_error}")
+    return "\n".join(lines)
+
+
+def _cmd_show(args: argparse.Namespace) -> int:
+    storage = _storage(args)
+    try:
+        state = anyio.run(storage.load_saga, args.saga_id)
+    except LookupError as exc:
+        print(f"saga show: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        storage.dispose()
+    print(_show(state))
+    return 0
+
+
+def _cmd_cancel(args: argparse.Namespace) -> int:
+    from saga_core import SagaOrchestrator
+
+    sys.path.insert(0, ".")
+    for module in args.imports or ():
+        importlib.import_module(module)
+    storage = _storage(args)
+    try:
+        state = anyio.run(SagaOrchestrator(storage).cancel, args.saga_id)
+    except (SagaError, LookupError) as exc:
+        print(f"saga cancel: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        storage.dispose()
+    print(_show(state))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``saga`` command."""
+    p = argparse.ArgumentParser(prog="saga", description="Sagas on a transactional outbox.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    d = sub.add_parser("demo", help="run the order example on SQLite + in-memory broker")
+    d.add_argument("--database", help="SQLAlchemy URL (default: a new SQLite file in a temp dir)")
+    d.set_defaults(func=demo.run_demo)
+
+    g = sub.add_parser(
+        "graph", help="print a saga's forward graph and compensation order (Mermaid)"
+    )
+    g.add_argument("target", metavar="MODULE:CLASS")
+    g.set_defaults(func=_cmd_graph)
+
+    def with_db(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--database", help="SQLAlchemy URL (default: $SAGA_DATABASE_URL)")
+
+    ls = sub.add_parser("ls", help="list sagas")
+    with_db(ls)
+    ls.add_argument("--status", choices=[s.value.lower() for s in SagaStatus])
+    ls.add_argument("--type", help="saga type")
+    ls.add_argument(
+        "--older-than", type=float, metavar="SECONDS", help="created at least this long ago"
+    )
+    ls.add_argument("--limit", type=int, default=50)
+    ls.set_defaults(func=_cmd_ls)
+
+    sh = sub.add_parser("show", help="show one saga: per-step status, attempts, results, errors")
+    with_db(sh)
+    sh.add_argument("saga_id")
+    sh.set_defaults(func=_cmd_show)
+
+    c = sub.add_parser("cancel", help="abort a saga and compensate it")
+    with_db(c)
+    c.add_argument("saga_id")
+    c.add_argument(
+        "--import",
+        dest="imports",
+        action="append",
+        metavar="MODULE",
+        help="module defining the saga class",
+    )
+    c.set_defaults(func=_cmd_cancel)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``saga`` console script."""
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except (ValueError, ImportError) as exc:
+        print(f"saga {args.command}: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,86 @@
+"""saga-outbox core: sagas with flexible compensation on a transactional outbox.
+
+Pure model and engine; depends on anyio only. Storage (``saga_storage``) and brokers
+(``saga_brokers``) plug in through the ports in :mod:`saga_core.ports`.
+"""
+
+from saga_core.context import StepContext
+from saga_core.definition import (
+    CompensationDefinition,
+    DeclarativeSaga,
+    SagaDefinition,
+    StepDefinition,
+    compensate,
+    registered_saga,
+    registered_sagas,
+    step,
+)
+from saga_core.errors import (
+    BlockingCallInEventLoop,
+    BrokerError,
+    BrokerUnavailable,
+    ErrorRecord,
+    IllegalTransition,
+    LeaseLost,
+    PublishFailed,
+    SagaConflict,
+    SagaDefinitionError,
+    SagaError,
+    SagaFailed,
+    SagaNotFound,
+    StepRejected,
+    StorageError,
+)
+from saga_core.events import Message, OutboxEvent
+from saga_core.graph import SagaCompensationGraph
+from saga_core.mermaid import render_mermaid
+from saga_core.orchestrator import SagaOrchestrator, SagaResult
+from saga_core.outbox import OutboxWorker
+from saga_core.ports import Broker, OutboxStore, SagaStore
+from saga_core.records import SagaState, StepState
+from saga_core.retry import RetryPolicy
+from saga_core.states import OutboxStatus, SagaStatus, StepStatus
+from saga_core.sync import SyncSagaOrchestrator
+
+__all__ = [
+    "BlockingCallInEventLoop",
+    "Broker",
+    "BrokerError",
+    "BrokerUnavailable",
+    "CompensationDefinition",
+    "DeclarativeSaga",
+    "ErrorRecord",
+    "IllegalTransition",
+    "LeaseLost",
+    "Message",
+    "OutboxEvent",
+    "OutboxStatus",
+    "OutboxStore",
+    "OutboxWorker",
+    "PublishFailed",
+    "RetryPolicy",
+    "SagaCompensationGraph",
+    "SagaConflict",
+    "SagaDefinition",
+    "SagaDefinitionError",
+    "SagaError",
+    "SagaFailed",
+    "SagaNotFound",
+    "SagaOrchestrator",
+    "SagaResult",
+    "SagaState",
+    "SagaStatus",
+    "SagaStore",
+    "StepContext",
+    "StepDefinition",
+    "StepRejected",
+    "StepState",
+    "StepStatus",
+    "StorageError",
+    "SyncSagaOrchestrator",
+    "compensate",
+    "registered_saga",
+    "registered_sagas",
+    "render_mermaid",
+    "step",
+]

@@ -1,0 +1,57 @@
+"""JSON checks: inputs and results are stored as JSON, so anything else is refused up front."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+from typing import Any
+
+JSON = Any  # a value made of dict/list/str/int/float/bool/None; checked at run time by check_json
+
+
+def _find_bad(value: object, path: str) -> str | None:
+    if value is None or isinstance(value, (str, bool, int)):
+        return None
+    if isinstance(value, float):
+        return None if math.isfinite(value) else f"{path} (non-finite float {value!r})"
+    if isinstance(value, Mapping):
+        for k, v in value.items():
+            if not isinstance(k, str):
+                return f"{path} (key {k!r} is a {type(k).__name__}, keys must be str)"
+            bad = _find_bad(v, f"{path}[{k!r}]")
+            if bad:
+                return bad
+        return None
+    if isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            bad = _find_bad(v, f"{path}[{i}]")
+            if bad:
+                return bad
+        return None
+    return f"{path} (a {type(value).__name__})"
+
+
+def check_json(value: object, what: str) -> None:
+    """Raise ``TypeError`` naming the first part of ``value`` that JSON cannot store."""
+    bad = _find_bad(value, what)
+    if bad:
+        raise TypeError(f"not JSON-serialisable: {bad}")
+
+
+def check_json_object(value: object, what: str) -> dict[str, Any]:
+    """Like :func:`check_json`, and the value must be a mapping with str keys."""
+    if not isinstance(value, Mapping):
+        raise TypeError(f"{what} must be a mapping (dict), got {type(value).__name__}")
+    check_json(value, what)
+    return dict(value)
+
+
+def dumps(value: object) -> str:
+    """Canonical JSON text (sorted keys, no NaN) so equal inputs compare equal as text."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), allow_nan=False)
+
+
+def loads(text: str | bytes | None) -> Any:
+    """Parse JSON text; ``None`` stays ``None``."""
+    return None if text is None else json.loads(text)

@@ -1,0 +1,101 @@
+"""Outbox events and the broker message shape (DESIGN.md section 4). Pure."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from saga_core._json import check_json, dumps
+
+
+@dataclass(frozen=True)
+class OutboxEvent:
+    """An event to publish, written in the same transaction as the state change it announces.
+
+    Args:
+        aggregate_type: what kind of thing changed (``"order"``); the default topic.
+        aggregate_id: which one; the message key, so one aggregate's events stay in order.
+            Defaults to ``saga_id`` when a saga emits the event.
+        event_type: what happened (``"order_created"``).
+        payload: JSON-serialisable mapping; the message value.
+        topic: overrides the topic (default: ``aggregate_type``, or ``"saga"``).
+        headers: extra string headers.
+        saga_id: set when a saga emitted the event.
+        event_id: unique id, also the ``event_id`` header consumers deduplicate on.
+    """
+
+    aggregate_type: str | None = None
+    aggregate_id: str | None = None
+    event_type: str = ""
+    payload: Mapping[str, Any] = field(default_factory=dict)
+    topic: str | None = None
+    headers: Mapping[str, str] = field(default_factory=dict)
+    saga_id: str | None = None
+    event_id: str = field(default_factory=lambda: str(uuid.uuid4()))
+
+    def __post_init__(self) -> None:
+        if not self.event_type:
+            raise ValueError("OutboxEvent.event_type is required")
+        if not isinstance(self.payload, Mapping):
+            raise TypeError(
+                f"OutboxEvent.payload must be a mapping, got {type(self.payload).__name__}"
+            )
+        check_json(self.payload, "OutboxEvent.payload")
+        bad = [
+            k for k, v in self.headers.items() if not isinstance(k, str) or not isinstance(v, str)
+        ]
+        if bad:
+            raise TypeError(f"OutboxEvent.headers must map str to str; bad keys: {bad!r}")
+        if self.aggregate_id is None and self.saga_id is None:
+            raise ValueError("OutboxEvent needs an aggregate_id (the message key) or a saga_id")
+
+    @property
+    def resolved_topic(self) -> str:
+        """The topic it is published to."""
+        return self.topic or self.aggregate_type or "saga"
+
+    @property
+    def key(self) -> str:
+        """The message key: ``aggregate_id``, else the saga id."""
+        return self.aggregate_id if self.aggregate_id is not None else str(self.saga_id)
+
+    def message_headers(self, traceparent: str | None = None) -> dict[str, str]:
+        """The headers every broker carries (section 4), the event's own extras first."""
+        headers = dict(self.headers)
+        headers.update(
+            {
+                "event_id": self.event_id,
+                "event_type": self.event_type,
+                "content-type": "application/json",
+            }
+        )
+        if self.saga_id is not None:
+            headers["saga_id"] = self.saga_id
+        if traceparent:
+            headers["traceparent"] = traceparent
+        return headers
+
+    def payload_json(self) -> str:
+        """The payload as canonical JSON text."""
+        return dumps(self.payload)
+
+
+@dataclass(frozen=True)
+class Message:
+    """One message as handed to a broker adapter, or received from one.
+
+    ``value`` is the UTF-8 JSON payload; ``headers`` always hold ``event_id``, ``event_type`` and
+    ``content-type``.
+    """
+
+    topic: str
+    key: str
+    value: bytes
+    headers: Mapping[str, str]
+
+    @property
+    def event_id(self) -> str:
+        """The event id header (what an ``Inbox`` deduplicates on)."""
+        return self.headers["event_id"]

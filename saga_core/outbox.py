@@ -1,0 +1,152 @@
+"""``OutboxWorker``: relays committed outbox events to the broker, one publisher per key.
+
+It claims *keys* (not rows), publishes each key's events in sequence order, waits for the
+broker's acknowledgement, then advances the key guarded by its claim token. No database
+transaction is open while publishing (DESIGN.md section 4).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import socket
+import uuid
+from collections.abc import Sequence
+
+import anyio
+
+from saga_core.errors import BrokerUnavailable, ErrorRecord
+from saga_core.events import Message
+from saga_core.ports import Broker, OutboxStore
+from saga_core.records import ClaimedKey
+
+log = logging.getLogger("saga.outbox")
+
+
+def to_message(event_topic: str, key: str, payload: str, headers: dict[str, str]) -> Message:
+    """The broker message for a stored event (the same shape on every broker)."""
+    return Message(topic=event_topic, key=key, value=payload.encode(), headers=headers)
+
+
+class OutboxWorker:
+    """Relays pending outbox events from ``storage`` to ``broker``.
+
+    ``drain()`` relays everything pending and returns (scripts, tests); ``run()`` keeps polling
+    until cancelled. Broker outages pause the relay with backoff and use up no attempts; an event
+    the broker refuses ``max_attempts`` times is marked ``DEAD`` and blocks its key (later events
+    of that key wait, so order is kept; other keys flow).
+
+    Args:
+        storage: the outbox store.
+        broker: the broker to publish to.
+        batch_keys: keys claimed per round trip.
+        batch_events: events per key per round.
+        claim_seconds: how long a claim lasts (a relay that dies frees its keys after this).
+        poll_interval: idle polling period of ``run()``, jittered.
+        max_attempts: refusals before an event goes ``DEAD``.
+        retry_backoff: seconds a key waits after a refused event.
+    """
+
+    def __init__(
+        self,
+        storage: OutboxStore,
+        broker: Broker,
+        *,
+        batch_keys: int = 100,
+        batch_events: int = 100,
+        claim_seconds: float = 30.0,
+        poll_interval: float = 0.2,
+        max_attempts: int = 10,
+        retry_backoff: float = 1.0,
+        owner: str | None = None,
+    ) -> None:
+        if batch_keys < 1 or batch_events < 1 or max_attempts < 1:
+            raise ValueError("batch_keys, batch_events and max_attempts must be >= 1")
+        self.storage = storage
+        self.broker = broker
+        self.batch_keys = batch_keys
+        self.batch_events = batch_events
+        self.claim_seconds = claim_seconds
+        self.poll_interval = poll_interval
+        self.max_attempts = max_attempts
+        self.retry_backoff = retry_backoff
+        self.owner = owner or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        #: Events acknowledged by the broker since this worker was created.
+        self.published = 0
+
+    async def relay_once(self) -> int:
+        """Claim one batch of keys, publish it, record the outcome; returns events published.
+
+        Raises ``BrokerUnavailable`` (after giving the keys back) when the broker is down.
+        """
+        claims = await self.storage.claim_outbox(
+            self.owner,
+            max_keys=self.batch_keys,
+            max_events=self.batch_events,
+            claim_seconds=self.claim_seconds,
+        )
+        if not claims:
+            return 0
+        messages: list[Message] = []
+        spans: list[tuple[ClaimedKey, int, int]] = []
+        for claim in claims:
+            start = len(messages)
+            for e in claim.events:
+                messages.append(to_message(e.topic, e.key, e.payload, dict(e.headers)))
+            spans.append((claim, start, len(messages)))
+        try:
+            results = await self.broker.publish(messages)
+        except BrokerUnavailable:
+            with anyio.CancelScope(shield=True):
+                for claim in claims:
+                    await self.storage.release_outbox(claim, retry_in=0.0)
+            raise
+        sent_total = 0
+        for claim, start, end in spans:
+            sent, error = _acked_prefix(results[start:end])
+            sent_total += sent
+            await self.storage.complete_outbox(
+                claim,
+                sent,
+                error,
+                retry_in=self.retry_backoff,
+                dead_after=self.max_attempts,
+            )
+        self.published += sent_total
+        return sent_total
+
+    async def drain(self) -> int:
+        """Relay until nothing claimable is left; returns how many events were published."""
+        total = 0
+        while True:
+            n = await self.relay_once()
+            if n == 0:
+                return total
+            total += n
+
+    async def run(self) -> None:
+        """Relay until cancelled: poll with jitter, back off while the broker is unavailable."""
+        outage = 0.0
+        while True:
+            try:
+                n = await self.relay_once()
+                outage = 0.0
+            except BrokerUnavailable as exc:
+                outage = min(max(outage * 2, 0.5), 30.0)
+                log.warning("broker unavailable (%s); relay paused %.1fs", exc, outage)
+                await anyio.sleep(outage)
+                continue
+            if n == 0:
+                await anyio.sleep(self.poll_interval * random.uniform(0.5, 1.5))
+
+
+def _acked_prefix(results: Sequence[BaseException | None]) -> tuple[int, str | None]:
+    """How many leading messages were acknowledged, and the error of the first that was not.
+
+    Events after a refused one are never counted: a key's order would break.
+    """
+    for i, r in enumerate(results):
+        if r is not None:
+            return i, str(ErrorRecord.from_exception(r))
+    return len(results), None

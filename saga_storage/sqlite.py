@@ -1,0 +1,95 @@
+"""SQLite specifics: WAL, ``BEGIN IMMEDIATE`` writes, one writer at a time (DESIGN.md section 5).
+
+A deferred transaction that later writes can fail with SQLITE_BUSY at once in WAL mode, ignoring
+``busy_timeout``; starting every write with ``BEGIN IMMEDIATE`` makes writers queue instead.
+Reads use plain deferred transactions so they never wait for a writer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sqlite3
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+from sqlalchemy import Connection, Engine, create_engine, event, literal_column
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.engine import make_url
+from sqlalchemy.pool import StaticPool
+from sqlalchemy.sql.dml import Insert
+from sqlalchemy.sql.elements import ColumnElement
+
+from saga_storage.repository import SqlStorage
+
+MIN_SQLITE = (3, 35, 0)  # RETURNING and ON CONFLICT ... DO UPDATE
+_READ = "saga_read"
+
+
+def _check_version() -> None:
+    if sqlite3.sqlite_version_info < MIN_SQLITE:
+        raise RuntimeError(
+            f"SQLite {sqlite3.sqlite_version} is too old: saga-outbox needs "
+            f"{'.'.join(map(str, MIN_SQLITE))} or newer (RETURNING)"
+        )
+
+
+def make_sqlite_engine(url: str, *, busy_timeout: float = 30.0) -> Engine:
+    """An engine configured for WAL, full fsync, foreign keys and IMMEDIATE write transactions."""
+    _check_version()
+    parsed = make_url(url)
+    memory = parsed.database in (None, "", ":memory:")
+    kwargs: dict[str, Any] = {"connect_args": {"check_same_thread": False, "timeout": busy_timeout}}
+    if memory:
+        # One connection shared by every thread, else each connection would see its own database.
+        kwargs["poolclass"] = StaticPool
+    engine = create_engine(parsed, **kwargs)
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_conn: sqlite3.Connection, _record: Any) -> None:
+        dbapi_conn.isolation_level = None  # we issue BEGIN ourselves
+        cur = dbapi_conn.cursor()
+        if not memory:
+            cur.execute("PRAGMA journal_mode=WAL")
+        cur.execute("PRAGMA synchronous=FULL")
+        cur.execute("PRAGMA foreign_keys=ON")
+        cur.execute(f"PRAGMA busy_timeout={int(busy_timeout * 1000)}")
+        cur.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn: Connection) -> None:
+        conn.exec_driver_sql(
+            "BEGIN" if conn.get_execution_options().get(_READ) else "BEGIN IMMEDIATE"
+        )
+
+    return engine
+
+
+class SqliteStorage(SqlStorage):
+    """Storage in one SQLite file (the embedded default). One writer at a time; no SKIP LOCKED,
+    so run one relay per file."""
+
+    dialect = "sqlite"
+
+    def __init__(self, engine: Engine, *, prefix: str = "saga_", memory: bool = False) -> None:
+        # An in-memory database is one shared connection: serialise everything on one thread.
+        super().__init__(engine, prefix=prefix, max_threads=1 if memory else 4)
+        self._write_lock = threading.Lock()
+
+    def _now(self) -> ColumnElement[float]:
+        return literal_column("((julianday('now') - 2440587.5) * 86400.0)")
+
+    def _insert(self, table: Any) -> Insert:
+        return sqlite_insert(table)
+
+    @contextlib.contextmanager
+    def _write(self) -> Iterator[Connection]:
+        # Queue our own writers in-process (fair, no busy-polling); BEGIN IMMEDIATE plus
+        # busy_timeout still orders us against other processes and application transactions.
+        with self._write_lock, self.engine.begin() as conn:
+            yield conn
+
+    @contextlib.contextmanager
+    def _read(self) -> Iterator[Connection]:
+        with self.engine.connect().execution_options(**{_READ: True}) as conn:
+            yield conn

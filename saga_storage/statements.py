@@ -1,0 +1,215 @@
+"""Every SQL statement the repository runs, named and built once per storage.
+
+Statements are SQLAlchemy Core expressions with bind parameters (prefixed ``b_`` so they never
+collide with column names); each dialect compiles them to its own SQL. Dialect-specific pieces
+(the upsert, the database clock, row locking for claims) come from the storage subclass.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from sqlalchemy import ColumnElement, Select, and_, bindparam, false, or_, select, update
+
+from saga_storage.schema import Tables
+
+
+def b(name: str) -> Any:
+    """A bind parameter named ``b_<name>``."""
+    return bindparam(f"b_{name}")
+
+
+class Statements:
+    """The named statements of one storage (one table prefix, one dialect)."""
+
+    def __init__(
+        self,
+        t: Tables,
+        *,
+        now: ColumnElement[float],
+        upsert_insert: Callable[[Any], Any],
+        lock_claim: Callable[[Select[Any]], Select[Any]],
+    ) -> None:
+        sagas, steps, outbox, okey = t.sagas, t.steps, t.outbox, t.outbox_key
+
+        # --- sagas -----------------------------------------------------------------------------
+        self.select_saga = select(sagas).where(sagas.c.id == b("id"))
+        self.select_steps = (
+            select(steps).where(steps.c.saga_id == b("id")).order_by(steps.c.position)
+        )
+        self.insert_saga = sagas.insert().values(
+            id=b("id"),
+            saga_type=b("saga_type"),
+            definition_hash=b("definition_hash"),
+            status=b("status"),
+            input=b("input"),
+            lease_owner=b("owner"),
+            lease_epoch=b("epoch"),
+            lease_until=now + b("lease"),
+            version=0,
+            created_at=b("ts"),
+            updated_at=b("ts"),
+        )
+        self.insert_step = steps.insert().values(
+            saga_id=b("id"), name=b("name"), position=b("position"), status="PENDING", attempts=0
+        )
+        fenced = and_(
+            sagas.c.id == b("id"),
+            sagas.c.lease_owner == b("owner"),
+            sagas.c.lease_epoch == b("epoch"),
+        )
+        # The fenced update: every write for a saga starts with it (DESIGN.md section 3).
+        self.fence_touch = (
+            update(sagas).where(fenced).values(version=sagas.c.version + 1, updated_at=b("ts"))
+        )
+        self.fence_status = (
+            update(sagas)
+            .where(fenced)
+            .values(
+                version=sagas.c.version + 1,
+                updated_at=b("ts"),
+                status=b("status"),
+                reason=b("reason"),
+                failed_step=b("failed_step"),
+                error_type=b("error_type"),
+                error_message=b("error_message"),
+            )
+        )
+        # A final status write also drops the lease: one transaction fewer per saga.
+        self.fence_finish = (
+            update(sagas)
+            .where(fenced)
+            .values(
+                version=sagas.c.version + 1,
+                updated_at=b("ts"),
+                status=b("status"),
+                reason=b("reason"),
+                failed_step=b("failed_step"),
+                error_type=b("error_type"),
+                error_message=b("error_message"),
+                lease_owner=None,
+                lease_until=None,
+            )
+        )
+        self.fence_release = (
+            update(sagas)
+            .where(fenced)
+            .values(lease_owner=None, lease_until=None, updated_at=b("ts"))
+        )
+        # Take a saga nobody holds (or whose lease expired); the epoch bump fences the old owner.
+        self.claim_saga = (
+            update(sagas)
+            .where(
+                sagas.c.id == b("id"),
+                sagas.c.status.not_in(("COMPLETED", "COMPENSATED")),
+                or_(sagas.c.lease_owner.is_(None), sagas.c.lease_until < now),
+            )
+            .values(
+                lease_owner=b("owner"),
+                lease_epoch=sagas.c.lease_epoch + 1,
+                lease_until=now + b("lease"),
+                updated_at=b("ts"),
+            )
+            .returning(sagas.c.lease_epoch)
+        )
+        self.update_step = (
+            update(steps)
+            .where(steps.c.saga_id == b("id"), steps.c.name == b("name"))
+            .values(
+                status=b("status"),
+                outcome=b("outcome"),
+                attempts=b("attempts"),
+                result=b("result"),
+                error_type=b("error_type"),
+                error_message=b("error_message"),
+                compensation_attempts=b("compensation_attempts"),
+                compensation_error_type=b("compensation_error_type"),
+                compensation_error_message=b("compensation_error_message"),
+                started_at=b("started_at"),
+                finished_at=b("finished_at"),
+            )
+        )
+
+        # --- outbox: append --------------------------------------------------------------------
+        # Taking the key's next sequence in the writer's transaction locks the key row, so a
+        # key's sequence is gap-free and equal to commit order (DESIGN.md section 4).
+        self.next_seq = (
+            upsert_insert(okey)
+            .values(key=b("key"), last_seq=1, sent_seq=0, blocked=False)
+            .on_conflict_do_update(
+                index_elements=[okey.c.key], set_={"last_seq": okey.c.last_seq + 1}
+            )
+            .returning(okey.c.last_seq)
+        )
+        self.insert_event = outbox.insert().values(
+            event_id=b("event_id"),
+            saga_id=b("saga_id"),
+            topic=b("topic"),
+            key=b("key"),
+            seq=b("seq"),
+            event_type=b("event_type"),
+            payload=b("payload"),
+            headers=b("headers"),
+            status="PENDING",
+            attempts=0,
+            created_at=b("ts"),
+        )
+        self.event_exists = select(outbox.c.id).where(outbox.c.event_id == b("event_id"))
+
+        # --- outbox: relay ---------------------------------------------------------------------
+        self.claimable_keys = lock_claim(
+            select(okey.c.key)
+            .where(
+                okey.c.sent_seq < okey.c.last_seq,
+                okey.c.blocked == false(),
+                or_(okey.c.claimed_until.is_(None), okey.c.claimed_until < now),
+                or_(okey.c.next_attempt_at.is_(None), okey.c.next_attempt_at <= now),
+            )
+            .limit(b("limit"))
+        )
+        self.claim_keys = (
+            update(okey)
+            .where(okey.c.key.in_(bindparam("b_keys", expanding=True)))
+            .values(claim_token=b("token"), claimed_until=now + b("claim_seconds"))
+        )
+        self.claimed_events = (
+            select(outbox)
+            .join(okey, okey.c.key == outbox.c.key)
+            .where(
+                okey.c.claim_token == b("token"),
+                outbox.c.seq > okey.c.sent_seq,
+                outbox.c.seq <= okey.c.sent_seq + b("per_key"),
+            )
+            .order_by(outbox.c.key, outbox.c.seq)
+        )
+        self.finish_key = (
+            update(okey)
+            .where(okey.c.key == b("key"), okey.c.claim_token == b("token"))
+            .values(
+                sent_seq=b("sent_seq"),
+                claim_token=None,
+                claimed_until=None,
+                next_attempt_at=now + b("retry_in"),
+            )
+        )
+        self.unclaim_key = (
+            update(okey)
+            .where(okey.c.key == b("key"), okey.c.claim_token == b("token"))
+            .values(claim_token=None, claimed_until=None)
+        )
+        self.block_key = update(okey).where(okey.c.key == b("key")).values(blocked=True)
+        self.mark_sent = (
+            update(outbox)
+            .where(
+                outbox.c.key == b("key"), outbox.c.seq > b("from_seq"), outbox.c.seq <= b("to_seq")
+            )
+            .values(status="SENT", sent_at=b("ts"))
+        )
+        self.fail_event = (
+            update(outbox)
+            .where(outbox.c.id == b("id"))
+            .values(attempts=outbox.c.attempts + 1, last_error=b("error"))
+            .returning(outbox.c.attempts)
+        )
+        self.kill_event = update(outbox).where(outbox.c.id == b("id")).values(status="DEAD")
