@@ -304,12 +304,15 @@ class SagaRun:
             ctx.connection = conn
             return fn(ctx)
 
+        writes: list[SagaWrite] = []
+
         def finish(result: Any) -> SagaWrite:
-            return self._success_write(sd, row, result)
+            writes.append(self._success_write(sd, row, result))
+            return writes[-1]
 
         # Runs in the storage's thread: the user's SQL and the step record commit together.
-        write = await self.store.write_transactional(self.fence, action, finish)
-        self._apply_success(sd.name, write)
+        await self.store.write_transactional(self.fence, action, finish)
+        self._apply_success(sd.name, writes[-1])
         return True
 
     def _success_write(self, sd: StepDefinition, row: StepState, result: Any) -> SagaWrite:

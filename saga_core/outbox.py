@@ -80,6 +80,10 @@ class OutboxWorker:
 
         Raises ``BrokerUnavailable`` (after giving the keys back) when the broker is down.
         """
+        return (await self._round())[1]
+
+    async def _round(self) -> tuple[int, int]:
+        """One claim-publish-record round: (keys claimed, events published)."""
         claims = await self.storage.claim_outbox(
             self.owner,
             max_keys=self.batch_keys,
@@ -87,7 +91,7 @@ class OutboxWorker:
             claim_seconds=self.claim_seconds,
         )
         if not claims:
-            return 0
+            return 0, 0
         messages: list[Message] = []
         spans: list[tuple[ClaimedKey, int, int]] = []
         for claim in claims:
@@ -114,14 +118,18 @@ class OutboxWorker:
                 dead_after=self.max_attempts,
             )
         self.published += sent_total
-        return sent_total
+        return len(claims), sent_total
 
     async def drain(self) -> int:
-        """Relay until nothing claimable is left; returns how many events were published."""
+        """Relay until no key is claimable; returns how many events were published.
+
+        A key backing off after a refused event is not claimable until its retry time, so
+        ``drain`` can return while such a key still has events pending.
+        """
         total = 0
         while True:
-            n = await self.relay_once()
-            if n == 0:
+            claimed, n = await self._round()
+            if claimed == 0:
                 return total
             total += n
 
@@ -130,14 +138,14 @@ class OutboxWorker:
         outage = 0.0
         while True:
             try:
-                n = await self.relay_once()
+                claimed, _ = await self._round()
                 outage = 0.0
             except BrokerUnavailable as exc:
                 outage = min(max(outage * 2, 0.5), 30.0)
                 log.warning("broker unavailable (%s); relay paused %.1fs", exc, outage)
                 await anyio.sleep(outage)
                 continue
-            if n == 0:
+            if claimed == 0:
                 await anyio.sleep(self.poll_interval * random.uniform(0.5, 1.5))
 
 

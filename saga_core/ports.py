@@ -100,7 +100,12 @@ class Broker(Protocol):
     async def publish(self, messages: Sequence[Message]) -> Sequence[BaseException | None]:
         """Publish in order. Returns, per message, ``None`` (acknowledged) or the error that
         refused it (``PublishFailed``). Raises ``BrokerUnavailable`` when the broker cannot be
-        reached at all: then nothing may be assumed sent."""
+        reached at all: then nothing may be assumed sent.
+
+        Messages sharing a key keep their order: once one of them is refused, the adapter must
+        not deliver the later messages of that key from the same batch (it reports them refused
+        too), or a consumer could see event n+1 before the retried event n.
+        """
         ...
 
     async def aclose(self) -> None:

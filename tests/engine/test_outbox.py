@@ -1,0 +1,139 @@
+"""The outbox on real storage: application events, per-key order, refusals and outages."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+
+import pytest
+from sqlalchemy import Column, MetaData, String, Table, select
+
+from saga_brokers import InMemoryBroker
+from saga_core import BrokerUnavailable, Message, OutboxEvent, OutboxWorker, PublishFailed
+from saga_storage import SqlStorage
+
+pytestmark = pytest.mark.anyio
+
+_md = MetaData()
+ORDERS = Table("test_orders", _md, Column("id", String(50), primary_key=True))
+
+
+def _event(key: str, n: int) -> OutboxEvent:
+    return OutboxEvent(
+        aggregate_type="order", aggregate_id=key, event_type="order_changed", payload={"n": n}
+    )
+
+
+def _statuses(storage: SqlStorage) -> dict[str, int]:
+    with storage.engine.connect() as conn:
+        rows = conn.execute(select(storage.tables.outbox.c.status)).scalars().all()
+    return {s: rows.count(s) for s in set(rows)}
+
+
+async def test_committed_events_are_relayed_rolled_back_are_not(
+    storage: SqlStorage, broker: InMemoryBroker
+) -> None:
+    _md.create_all(storage.engine)
+    with storage.engine.begin() as conn:
+        conn.execute(ORDERS.insert().values(id="o-1"))
+        storage.append_outbox(_event("o-1", 1), conn=conn)
+    with pytest.raises(RuntimeError), storage.engine.begin() as conn:
+        conn.execute(ORDERS.insert().values(id="o-2"))
+        storage.append_outbox(_event("o-2", 1), conn=conn)
+        raise RuntimeError("application failed after writing")
+    assert await OutboxWorker(storage, broker).drain() == 1
+    msgs = broker.messages("order")
+    assert [(m.key, json.loads(m.value)) for m in msgs] == [("o-1", {"n": 1})]
+    assert msgs[0].headers["event_type"] == "order_changed"
+    assert await OutboxWorker(storage, broker).drain() == 0  # nothing twice
+
+
+async def test_append_outbox_needs_a_transaction_and_an_event(storage: SqlStorage) -> None:
+    with storage.engine.connect() as conn:
+        with pytest.raises(ValueError, match="inside a transaction"):
+            storage.append_outbox(_event("k", 1), conn=conn)
+        with pytest.raises(TypeError, match="OutboxEvent"):
+            storage.append_outbox({"event_type": "x"}, conn=conn)  # type: ignore[arg-type]
+
+
+def test_bad_events_are_refused_at_construction() -> None:
+    with pytest.raises(TypeError, match=r"payload\['x'\]"):
+        OutboxEvent(aggregate_id="k", event_type="t", payload={"x": {1, 2}})
+    with pytest.raises(ValueError, match="event_type"):
+        OutboxEvent(aggregate_id="k", payload={})
+    with pytest.raises(ValueError, match="aggregate_id"):
+        OutboxEvent(event_type="t")
+
+
+async def test_each_key_is_published_in_commit_order(
+    storage: SqlStorage, broker: InMemoryBroker
+) -> None:
+    for n in range(30):
+        with storage.engine.begin() as conn:
+            storage.append_outbox(_event(f"k{n % 3}", n), conn=conn)
+    worker = OutboxWorker(storage, broker, batch_keys=2, batch_events=4)
+    assert await worker.drain() == 30
+    for k in range(3):
+        got = [json.loads(m.value)["n"] for m in broker.messages("order") if m.key == f"k{k}"]
+        assert got == list(range(k, 30, 3))
+
+
+class _RefusingBroker(InMemoryBroker):
+    """Refuses messages whose payload has ``poison`` (as a broker refuses one too large), and,
+    as the ``Broker`` contract requires, the later messages of the same key in the batch."""
+
+    async def publish(self, messages: Sequence[Message]) -> Sequence[BaseException | None]:
+        refused: set[str] = set()
+        results: list[BaseException | None] = []
+        for m in messages:
+            if m.key in refused or b"poison" in m.value:
+                refused.add(m.key)
+                results.append(PublishFailed("too large"))
+            else:
+                await super().publish([m])
+                results.append(None)
+        return results
+
+
+async def test_refused_event_goes_dead_and_blocks_only_its_key(storage: SqlStorage) -> None:
+    broker = _RefusingBroker()
+    with storage.engine.begin() as conn:
+        storage.append_outbox(_event("a", 1), conn=conn)
+        storage.append_outbox(
+            OutboxEvent(aggregate_id="a", event_type="x", payload={"poison": True}), conn=conn
+        )
+        storage.append_outbox(_event("a", 3), conn=conn)
+        storage.append_outbox(_event("b", 1), conn=conn)
+    worker = OutboxWorker(storage, broker, max_attempts=3, retry_backoff=0.0)
+    assert await worker.drain() == 2  # a:1 and b:1; a:3 waits behind the dead event
+    assert [json.loads(m.value) for m in broker.messages() if m.key == "a"] == [{"n": 1}]
+    assert _statuses(storage) == {"SENT": 2, "DEAD": 1, "PENDING": 1}
+    with storage.engine.connect() as conn:
+        okey = storage.tables.outbox_key
+        blocked = dict(conn.execute(select(okey.c.key, okey.c.blocked)).all())
+        dead = conn.execute(
+            select(storage.tables.outbox.c.attempts, storage.tables.outbox.c.last_error).where(
+                storage.tables.outbox.c.status == "DEAD"
+            )
+        ).one()
+    assert blocked == {"a": True, "b": False}
+    assert dead.attempts == 3 and "too large" in dead.last_error
+
+
+class _DownBroker(InMemoryBroker):
+    async def publish(self, messages: Sequence[Message]) -> Sequence[BaseException | None]:
+        raise BrokerUnavailable("connection refused")
+
+
+async def test_broker_outage_consumes_no_attempts(storage: SqlStorage) -> None:
+    with storage.engine.begin() as conn:
+        storage.append_outbox(_event("a", 1), conn=conn)
+    for _ in range(5):
+        with pytest.raises(BrokerUnavailable):
+            await OutboxWorker(storage, _DownBroker(), max_attempts=2).drain()
+    with storage.engine.connect() as conn:
+        attempts = conn.execute(select(storage.tables.outbox.c.attempts)).scalar_one()
+    assert attempts == 0
+    broker = InMemoryBroker()
+    assert await OutboxWorker(storage, broker).drain() == 1  # the claim was given back at once
+    assert _statuses(storage) == {"SENT": 1}
