@@ -17,6 +17,7 @@ from typing import Any
 
 import anyio
 from anyio.abc import TaskGroup
+from anyio.lowlevel import RunVar
 
 from saga_core._invoke import StepTimeout, ThreadStillRunning, ThreadWatch, call_user
 from saga_core._json import check_json_object
@@ -37,11 +38,23 @@ PIVOT_UNKNOWN = "pivot_unknown"
 CANCELLED = ErrorRecord("Cancelled", "saga cancelled")
 
 
-@dataclass
 class Limits:
-    """Thread limiters of one orchestrator (never anyio's shared default)."""
+    """Thread limiters of one orchestrator (never anyio's shared default), one set per event
+    loop, since an orchestrator may be used from several ``anyio.run`` calls in turn."""
 
-    steps: anyio.CapacityLimiter
+    def __init__(self, step_threads: int) -> None:
+        self._step_threads = step_threads
+        self._steps: RunVar[anyio.CapacityLimiter] = RunVar(f"saga_steps_{id(self)}")
+
+    @property
+    def steps(self) -> anyio.CapacityLimiter:
+        """Limits sync steps and compensations running in worker threads."""
+        try:
+            return self._steps.get()
+        except LookupError:
+            limiter = anyio.CapacityLimiter(self._step_threads)
+            self._steps.set(limiter)
+            return limiter
 
 
 @dataclass

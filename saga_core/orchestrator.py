@@ -108,7 +108,7 @@ class SagaOrchestrator:
         self.broker = broker
         self.owner = owner or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.lease_seconds = lease_seconds
-        self._limits = Limits(steps=anyio.CapacityLimiter(step_threads))
+        self._limits = Limits(step_threads)
         self._runs: dict[str, SagaRun] = {}
         self._tg: TaskGroup | None = None
         self._tg_cm: Any = None

@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, ClassVar, TypeVar
 
 import anyio
+from anyio.lowlevel import RunVar
 from sqlalchemy import Connection, Engine, Select, func, select
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import Row
@@ -131,7 +132,10 @@ class SqlStorage:
         self.sql = Statements(
             self.tables, now=self._now(), upsert_insert=self._insert, lock_claim=self._lock_claim
         )
-        self._limiter = anyio.CapacityLimiter(max_threads)
+        self._max_threads = max_threads
+        # One limiter per event loop: the same storage may serve several loops in turn (a sync
+        # facade's loop thread, then an anyio.run of a script), and limiters are loop-bound.
+        self._limiter: RunVar[anyio.CapacityLimiter] = RunVar(f"saga_storage_{id(self)}")
 
     # --- dialect hooks ---------------------------------------------------------------------
     def _now(self) -> ColumnElement[float]:
@@ -169,8 +173,13 @@ class SqlStorage:
         return StorageError(f"{self.dialect} storage failed: {type(exc.orig).__name__}: {exc.orig}")
 
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
+        try:
+            limiter = self._limiter.get()
+        except LookupError:
+            limiter = anyio.CapacityLimiter(self._max_threads)
+            self._limiter.set(limiter)
         return await anyio.to_thread.run_sync(
-            functools.partial(self._guarded, fn, *args), limiter=self._limiter
+            functools.partial(self._guarded, fn, *args), limiter=limiter
         )
 
     def _guarded(self, fn: Callable[..., T], *args: Any) -> T:
