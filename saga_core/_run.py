@@ -537,8 +537,9 @@ class SagaRun:
             await self._commit(SagaWrite(steps=(done,), events=(event,)))
             self._trace(
                 "compensated",
-                "  compensated {step} (outcome was {outcome})",
+                "  {comp} undid {step} (its outcome was {outcome})",
                 step=name,
+                comp=comp.attr,
                 outcome=row.outcome,
             )
             return True

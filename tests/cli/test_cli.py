@@ -1,0 +1,82 @@
+"""The ``saga`` command, run as a user would: in a subprocess."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def saga(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SAGA_")}
+    return subprocess.run(
+        [sys.executable, "-m", "saga_cli.main", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env=env,
+        timeout=120,
+    )
+
+
+def test_demo_runs_with_no_configuration(tmp_path: Path) -> None:
+    out = saga("demo", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    text = out.stdout
+    assert "saga demo-order-1 COMPLETED" in text
+    assert "saga demo-order-2 COMPENSATED" in text
+    assert "step reserve_inventory failed" in text
+    # the declared order: cancel the order first, then refund
+    assert "compensated in order: create_order -> charge_payment" in text
+    assert text.index("cancel_order undid create_order") < text.index(
+        "refund_payment undid charge_payment"
+    )
+    assert "Outbox: 7 events relayed" in text
+    assert "flowchart TB" in text
+    assert list(tmp_path.iterdir()) == []  # nothing left behind in the working directory
+
+
+def test_demo_then_ls_and_show(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'demo.db'}"
+    assert saga("demo", "--database", url).returncode == 0
+    ls = saga("ls", "--database", url)
+    assert ls.returncode == 0, ls.stderr
+    assert "demo-order-1" in ls.stdout and "COMPLETED" in ls.stdout
+    assert "demo-order-2" in ls.stdout and "COMPENSATED" in ls.stdout
+    only = saga("ls", "--database", url, "--status", "compensated")
+    assert "demo-order-2" in only.stdout and "demo-order-1" not in only.stdout
+    show = saga("show", "demo-order-2", "--database", url)
+    assert show.returncode == 0, show.stderr
+    assert "reserve_inventory" in show.stdout and "REJECTED" in show.stdout
+    assert "out of stock" in show.stdout
+    assert show.stdout.count("COMPENSATED") >= 3  # the saga and two steps
+
+
+def test_show_unknown_saga(tmp_path: Path) -> None:
+    out = saga("show", "nope", "--database", f"sqlite:///{tmp_path / 'x.db'}")
+    assert out.returncode == 1
+    assert "no saga with id 'nope'" in out.stderr
+
+
+def test_bad_database_url() -> None:
+    out = saga("ls", "--database", "definitely not a url")
+    assert out.returncode == 2
+    assert "invalid database URL" in out.stderr
+
+
+def test_graph_prints_mermaid_with_dropped_edge() -> None:
+    out = saga("graph", "examples.order_saga:OrderPlacementSaga")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("flowchart TB")
+    assert "s_create_order --> s_charge_payment" in out.stdout
+    assert "c_s_create_order --> c_s_charge_payment" in out.stdout  # explicit: cancel, refund
+    assert "dropped" in out.stdout
+
+
+def test_graph_bad_target() -> None:
+    out = saga("graph", "examples.order_saga:Nope")
+    assert out.returncode != 0
+    assert "not a DeclarativeSaga subclass" in out.stderr
