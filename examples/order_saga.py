@@ -56,7 +56,9 @@ class PaymentService:
     def charge(amount: float, idempotency_key: str) -> dict[str, Any]:
         if amount > 1000:
             raise StepRejected(f"payment of {amount} declined")  # clean: nothing was charged
-        return {"charge_id": "CHG-" + uuid.uuid5(uuid.NAMESPACE_URL, idempotency_key).hex[:6].upper()}
+        return {
+            "charge_id": "CHG-" + uuid.uuid5(uuid.NAMESPACE_URL, idempotency_key).hex[:6].upper()
+        }
 
     @classmethod
     async def refund(cls, charge_id: str | None) -> None:

@@ -7,7 +7,6 @@ import logging
 import os
 import tempfile
 
-
 import anyio
 
 from saga_brokers import InMemoryBroker
@@ -70,9 +69,8 @@ async def _demo(url: str) -> int:
     print(f"Outbox: {relayed} events relayed to the in-memory broker")
     for m in broker.messages():
         print(f"  {m.topic:10} key={m.key:14} {m.headers['event_type']}")
-    print(
-        "\nCompensation graph (Mermaid; from the repository root: saga graph examples.order_saga:OrderPlacementSaga):"
-    )
+    print("\nCompensation graph (Mermaid; from the repository root:")
+    print("  saga graph examples.order_saga:OrderPlacementSaga)")
     print(render_mermaid(OrderPlacementSaga.definition()))
     await storage.aclose()
     ok_all = status == "COMPENSATED" and relayed == len(broker.messages()) > 0

@@ -66,9 +66,8 @@ def _cmd_ls(args: argparse.Namespace) -> int:
     )
     print(f"{'ID':38} {'TYPE':24} {'STATUS':13} {'AGE':>5}  REASON")
     for s in sagas:
-        print(
-            f"{s.saga_id:38} {s.saga_type:24} {s.status.value:13} {_age(s.created_at):>5}  {s.reason or ''}"
-        )
+        age = _age(s.created_at)
+        print(f"{s.saga_id:38} {s.saga_type:24} {s.status.value:13} {age:>5}  {s.reason or ''}")
     storage.dispose()
     return 0
 

@@ -15,7 +15,7 @@ def _find_bad(value: object, path: str) -> str | None:
         return None
     if isinstance(value, float):
         return None if math.isfinite(value) else f"{path} (non-finite float {value!r})"
-    if isinstance(value, Mapping):
+    if isinstance(value, dict):
         for k, v in value.items():
             if not isinstance(k, str):
                 return f"{path} (key {k!r} is a {type(k).__name__}, keys must be str)"
@@ -33,8 +33,15 @@ def _find_bad(value: object, path: str) -> str | None:
 
 
 def check_json(value: object, what: str) -> None:
-    """Raise ``TypeError`` naming the first part of ``value`` that JSON cannot store."""
-    bad = _find_bad(value, what)
+    """Raise ``TypeError`` naming the first part of ``value`` that JSON cannot store.
+
+    Accepts exactly what ``json.dumps`` stores: dict (str keys), list, tuple, str, int, finite
+    float, bool and None. Other mappings are refused rather than silently converted.
+    """
+    try:
+        bad = _find_bad(value, what)
+    except RecursionError:
+        bad = f"{what} (nested too deeply, or contains itself)"
     if bad:
         raise TypeError(f"not JSON-serialisable: {bad}")
 
@@ -43,8 +50,9 @@ def check_json_object(value: object, what: str) -> dict[str, Any]:
     """Like :func:`check_json`, and the value must be a mapping with str keys."""
     if not isinstance(value, Mapping):
         raise TypeError(f"{what} must be a mapping (dict), got {type(value).__name__}")
-    check_json(value, what)
-    return dict(value)
+    data = dict(value)
+    check_json(data, what)
+    return data
 
 
 def dumps(value: object) -> str:

@@ -324,7 +324,7 @@ class SagaRun:
             return writes[-1]
 
         # Runs in the storage's thread: the user's SQL and the step record commit together.
-        await self.store.write_transactional(self.fence, action, finish)
+        await self.store.write_transactional(self.fence, action, finish, sd.timeout)
         self._apply_success(sd.name, writes[-1])
         return True
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import heapq
+import json
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -264,7 +265,8 @@ class SagaCompensationGraph:
 
     def compensation_levels(self, affected: Iterable[str]) -> list[list[str]]:
         """The affected compensations grouped in waves that may run concurrently (for display)."""
-        aff = [s for s in self.steps if s in set(affected)]
+        wanted = set(affected)
+        aff = [s for s in self.steps if s in wanted]
         done: set[str] = set()
         levels: list[list[str]] = []
         while len(done) < len(aff):
@@ -275,13 +277,16 @@ class SagaCompensationGraph:
 
     def fingerprint(self) -> str:
         """A stable hash of the forward graph and the precedence (the definition version)."""
-        h = hashlib.sha256()
-        for s in self.steps:
-            h.update(f"s:{s}:{','.join(self.depends_on[s])};".encode())
-        h.update(f"k:{','.join(sorted(self.compensatable))};".encode())
-        for t, s in sorted(self.precedence):
-            h.update(f"p:{t}>{s};".encode())
-        return h.hexdigest()[:16]
+        # JSON, so no step name can fake a separator; dependencies sorted, since their order
+        # inside depends_on means nothing and must not orphan stored sagas when edited.
+        shape = {
+            "steps": list(self.steps),
+            "depends_on": {s: sorted(self.depends_on[s]) for s in self.steps},
+            "compensatable": sorted(self.compensatable),
+            "precedence": sorted([t, s] for t, s in self.precedence),
+        }
+        text = json.dumps(shape, sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def _successors(steps: Sequence[str], edges: Iterable[Edge]) -> dict[str, list[str]]:

@@ -38,11 +38,16 @@ class SagaStore(Protocol):
         ...
 
     async def write_transactional(
-        self, fence: Fence, action: Callable[[Any], T], finish: Callable[[T], SagaWrite]
+        self,
+        fence: Fence,
+        action: Callable[[Any], T],
+        finish: Callable[[T], SagaWrite],
+        timeout: float | None = None,
     ) -> T:
         """Run ``action(connection)`` and then ``finish(result)``'s change in one transaction.
 
         Used by transactional steps: their own SQL commits exactly when their record does.
+        ``timeout`` bounds their statements where the database supports it.
         """
         ...
 

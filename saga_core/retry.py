@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass
 
@@ -36,12 +37,21 @@ class RetryPolicy:
             raise ValueError(
                 f"RetryPolicy.max_attempts must be >= 1 or None, got {self.max_attempts}"
             )
-        if self.backoff < 0 or self.max_backoff < 0:
-            raise ValueError("RetryPolicy.backoff and max_backoff must be >= 0")
-        if self.multiplier < 1:
-            raise ValueError(f"RetryPolicy.multiplier must be >= 1, got {self.multiplier}")
+        for name in ("backoff", "max_backoff"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):  # refuses NaN too
+                raise ValueError(f"RetryPolicy.{name} must be a finite number >= 0, got {value}")
+        if not (math.isfinite(self.multiplier) and self.multiplier >= 1):
+            raise ValueError(
+                f"RetryPolicy.multiplier must be a finite number >= 1, got {self.multiplier}"
+            )
         if not 0 <= self.jitter <= 1:
             raise ValueError(f"RetryPolicy.jitter must be within [0, 1], got {self.jitter}")
+        retry_on = tuple(self.retry_on)
+        bad = [t for t in retry_on if not (isinstance(t, type) and issubclass(t, BaseException))]
+        if bad:
+            raise ValueError(f"RetryPolicy.retry_on must list exception types, got {bad!r}")
+        object.__setattr__(self, "retry_on", retry_on)
 
     def should_retry(self, attempt: int, exc: BaseException) -> bool:
         """Whether a try numbered ``attempt`` (1-based) that raised ``exc`` earns another try."""
@@ -51,7 +61,10 @@ class RetryPolicy:
 
     def delay(self, attempt: int, rng: random.Random | None = None) -> float:
         """Seconds to wait after try number ``attempt`` (1-based) failed."""
-        raw = min(self.max_backoff, self.backoff * self.multiplier ** max(0, attempt - 1))
+        try:
+            raw = min(self.max_backoff, self.backoff * self.multiplier ** max(0, attempt - 1))
+        except OverflowError:  # a long outage: the cap was reached long ago
+            raw = self.max_backoff
         if self.jitter == 0 or raw == 0:
             return raw
         r = (rng or random).random()

@@ -20,12 +20,17 @@ DEFAULT_DATABASE_URL = "sqlite:///saga.db"
 
 
 def create_storage(
-    url: str | None = None, *, prefix: str = "saga_", migrate: bool = True
+    url: str | None = None,
+    *,
+    prefix: str = "saga_",
+    schema: str | None = None,
+    migrate: bool = True,
 ) -> SqlStorage:
     """Storage for the SQLAlchemy ``url`` (``sqlite:///file.db``, ``postgresql+psycopg://...``).
 
     Without a URL, ``$SAGA_DATABASE_URL`` or ``sqlite:///saga.db`` is used. Tables are named
-    ``<prefix>sagas``, ``<prefix>outbox``...; ``migrate=False`` skips creating or upgrading them.
+    ``<prefix>sagas``, ``<prefix>outbox``... (in ``schema`` on PostgreSQL); ``migrate=False``
+    skips creating or upgrading them.
     Raises ``ValueError`` naming the problem for a malformed or unsupported URL.
     """
     url = url or os.environ.get("SAGA_DATABASE_URL") or DEFAULT_DATABASE_URL
@@ -41,11 +46,23 @@ def create_storage(
                 f"unsupported SQLite driver {parsed.drivername!r}; use sqlite:///file.db"
             )
         memory = parsed.database in (None, "", ":memory:")
+        if schema is not None:
+            raise ValueError("SQLite has no schemas; use prefix= to separate table sets")
         storage = SqliteStorage(make_sqlite_engine(url), prefix=prefix, memory=memory)
+    elif backend == "postgresql":
+        try:
+            import psycopg  # noqa: F401
+        except ImportError as exc:
+            raise ImportError(
+                "PostgreSQL storage needs psycopg 3; pip install 'saga-outbox[postgres]'"
+            ) from exc
+        from saga_storage.postgres import PostgresStorage, make_postgres_engine
+
+        storage = PostgresStorage(make_postgres_engine(url), prefix=prefix, schema=schema)
     else:
         raise ValueError(
             f"unsupported database {backend!r} in {parsed.render_as_string(hide_password=True)!r}; "
-            "supported: sqlite"
+            "supported: sqlite, postgresql"
         )
     if migrate:
         storage.migrate()

@@ -168,6 +168,9 @@ class SqlStorage:
         yield
 
     # --- plumbing --------------------------------------------------------------------------
+    def _set_statement_timeout(self, conn: Connection, seconds: float) -> None:
+        """Bound the statements of a transactional step (where the database can)."""
+
     def _map_error(self, exc: sa_exc.DBAPIError) -> Exception:
         """Turn a driver failure into our own error type (no URL or secret in the message)."""
         return StorageError(f"{self.dialect} storage failed: {type(exc.orig).__name__}: {exc.orig}")
@@ -301,15 +304,25 @@ class SqlStorage:
             pass
 
     async def write_transactional(
-        self, fence: Fence, action: Callable[[Any], T], finish: Callable[[T], SagaWrite]
+        self,
+        fence: Fence,
+        action: Callable[[Any], T],
+        finish: Callable[[T], SagaWrite],
+        timeout: float | None = None,
     ) -> T:
         """Run ``action(conn)`` then ``finish(result)``'s change in the same transaction."""
-        return await self._run(self._write_transactional, fence, action, finish)
+        return await self._run(self._write_transactional, fence, action, finish, timeout)
 
     def _write_transactional(
-        self, fence: Fence, action: Callable[[Any], T], finish: Callable[[T], SagaWrite]
+        self,
+        fence: Fence,
+        action: Callable[[Any], T],
+        finish: Callable[[T], SagaWrite],
+        timeout: float | None,
     ) -> T:
         with self._write() as conn:
+            if timeout is not None:
+                self._set_statement_timeout(conn, timeout)
             result = action(conn)
             self._apply(conn, fence, finish(result))
         return result

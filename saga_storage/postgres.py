@@ -1,0 +1,96 @@
+"""PostgreSQL specifics: psycopg 3, the database clock, SKIP LOCKED claims, advisory-locked
+migrations and a statement timeout on every connection (DESIGN.md sections 3 and 5)."""
+
+from __future__ import annotations
+
+import contextlib
+import zlib
+from collections.abc import Iterator
+from typing import Any
+
+from sqlalchemy import Connection, Engine, Select, create_engine, event, literal_column, text
+from sqlalchemy import exc as sa_exc
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.engine import make_url
+from sqlalchemy.sql.dml import Insert
+from sqlalchemy.sql.elements import ColumnElement
+
+from saga_core.errors import StorageError
+from saga_storage.repository import SqlStorage
+
+DEFAULT_POOL_SIZE = 10
+
+
+def make_postgres_engine(
+    url: str, *, pool_size: int = DEFAULT_POOL_SIZE, statement_timeout: float = 30.0
+) -> Engine:
+    """An engine on psycopg 3 with a bounded pool and a statement timeout per connection.
+
+    Database calls are bounded by ``statement_timeout`` rather than by abandoning threads.
+    """
+    parsed = make_url(url)
+    if parsed.drivername in ("postgresql", "postgres"):
+        parsed = parsed.set(drivername="postgresql+psycopg")
+    if parsed.drivername != "postgresql+psycopg":
+        raise ValueError(
+            f"unsupported PostgreSQL driver {parsed.drivername!r}; use postgresql+psycopg://"
+        )
+    engine = create_engine(
+        parsed,
+        pool_size=pool_size,
+        max_overflow=0,
+        pool_pre_ping=True,
+        pool_timeout=statement_timeout,
+    )
+    timeout_ms = int(statement_timeout * 1000)
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_conn: Any, _record: Any) -> None:
+        with dbapi_conn.cursor() as cur:
+            cur.execute(f"SET statement_timeout = {timeout_ms}")
+        dbapi_conn.commit()
+
+    return engine
+
+
+class PostgresStorage(SqlStorage):
+    """Storage in PostgreSQL: any number of worker processes can share it."""
+
+    dialect = "postgresql"
+
+    def __init__(
+        self,
+        engine: Engine,
+        *,
+        prefix: str = "saga_",
+        schema: str | None = None,
+        pool_size: int = DEFAULT_POOL_SIZE,
+    ) -> None:
+        # The thread limiter matches the pool, so threads never queue on the pool itself.
+        super().__init__(engine, prefix=prefix, schema=schema, max_threads=pool_size)
+
+    def _now(self) -> ColumnElement[float]:
+        # clock_timestamp(), not now(): leases compare against real time, not transaction start.
+        return literal_column("(extract(epoch from clock_timestamp()))::float8")
+
+    def _insert(self, table: Any) -> Insert:
+        return pg_insert(table)
+
+    def _lock_claim(self, stmt: Select[Any]) -> Select[Any]:
+        return stmt.with_for_update(skip_locked=True)
+
+    @contextlib.contextmanager
+    def _migration_lock(self, conn: Connection) -> Iterator[None]:
+        key = zlib.crc32(f"saga-outbox:{self.tables.version.fullname}".encode())
+        conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": key})
+        yield
+
+    def _set_statement_timeout(self, conn: Connection, seconds: float) -> None:
+        conn.execute(text(f"SET LOCAL statement_timeout = {int(seconds * 1000)}"))
+
+    def _map_error(self, exc: sa_exc.DBAPIError) -> Exception:
+        orig = exc.orig
+        sqlstate = getattr(orig, "sqlstate", None) or "?"
+        return StorageError(
+            f"postgresql storage failed ({sqlstate}): {type(orig).__name__}: {orig}"
+        )
