@@ -34,6 +34,7 @@ from saga_core.errors import (
 from saga_core.events import Message, OutboxEvent
 from saga_core.graph import SagaCompensationGraph
 from saga_core.mermaid import render_mermaid
+from saga_core.operator import resolve_saga, retry_saga
 from saga_core.orchestrator import SagaOrchestrator, SagaResult
 from saga_core.outbox import OutboxWorker
 from saga_core.ports import Broker, OutboxStore, SagaStore
@@ -41,6 +42,7 @@ from saga_core.records import SagaState, StepState
 from saga_core.retry import RetryPolicy
 from saga_core.states import OutboxStatus, SagaStatus, StepStatus
 from saga_core.sync import SyncSagaOrchestrator
+from saga_core.worker import SagaWorker
 
 __all__ = [
     "BlockingCallInEventLoop",
@@ -71,6 +73,7 @@ __all__ = [
     "SagaState",
     "SagaStatus",
     "SagaStore",
+    "SagaWorker",
     "StepContext",
     "StepDefinition",
     "StepRejected",
@@ -82,5 +85,7 @@ __all__ = [
     "registered_saga",
     "registered_sagas",
     "render_mermaid",
+    "resolve_saga",
+    "retry_saga",
     "step",
 ]

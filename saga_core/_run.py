@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import sys
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
@@ -29,11 +30,15 @@ from saga_core.ports import SagaStore
 from saga_core.records import REJECTED, SUCCEEDED, UNKNOWN, Fence, SagaState, SagaWrite, StepState
 from saga_core.states import SagaStatus, StepStatus, saga_transition, step_transition
 
+if sys.version_info < (3, 11):
+    from exceptiongroup import BaseExceptionGroup
+
 log = logging.getLogger("saga")
 
 COMPENSATION_FAILED = "compensation_failed"
 FORWARD_STUCK = "forward_stuck"
 PIVOT_UNKNOWN = "pivot_unknown"
+CRASH_LOOP = "crash_loop"
 
 CANCELLED = ErrorRecord("Cancelled", "saga cancelled")
 
@@ -89,6 +94,9 @@ class SagaRun:
         state: SagaState,
         fence: Fence,
         limits: Limits,
+        lease_seconds: float = 60.0,
+        max_crashes: int = 5,
+        suspend_after: float | None = None,
     ) -> None:
         self.store = store
         self.definition = definition
@@ -107,17 +115,40 @@ class SagaRun:
         self.comp_errors: dict[str, ErrorRecord] = {}
         self.done = anyio.Event()
         self.outcome: RunOutcome | None = None
+        self.lease_seconds = lease_seconds
+        self.max_crashes = max_crashes
+        # Retry waits at least this long release the lease and end the run (worker mode); a
+        # worker resumes the saga at its wake time. None: always wait in-process.
+        self.suspend_after = suspend_after
+        #: The lease was lost (another worker owns the saga now): this run wrote nothing more.
+        self.lost = False
+        #: The run released the lease to wait for a retry (resumed later by a worker).
+        self.suspended = False
+        self._work_scope: anyio.CancelScope | None = None
+        self._shield_scope: anyio.CancelScope | None = None
+        self._finishing = False
         self._scopes: dict[str, anyio.CancelScope] = {}
+        self._in_flight = 0
         self._cancel_requested = False
         # Set to stop steps from retrying: on cancel(), or when a step fails under fail_fast.
         self._stop = anyio.Event()
 
     # --- public --------------------------------------------------------------------------
     async def run(self) -> RunOutcome:
-        """Drive the saga to a final (or FAILED) status. Thread waits happen in ``background``."""
+        """Drive the saga to a final (or FAILED) status, or until the lease is lost or the run
+        suspends itself to wait for a retry."""
         try:
-            async with anyio.create_task_group() as background:
-                await self._drive(background)
+            async with anyio.create_task_group() as keeper:
+                keeper.start_soon(self._keep_lease)
+                try:
+                    with anyio.CancelScope() as self._work_scope:
+                        async with anyio.create_task_group() as background:
+                            await self._drive(background)
+                except BaseException as exc:
+                    if not ((self.lost or self.suspended) and _only(exc, LeaseLost)):
+                        raise
+                finally:
+                    keeper.cancel_scope.cancel()
         except anyio.get_cancelled_exc_class():
             # The caller stopped waiting: leave the saga as recorded and free the lease so a
             # worker can continue it at once instead of after the lease expires.
@@ -126,8 +157,48 @@ class SagaRun:
             raise
         finally:
             self.done.set()
-        assert self.outcome is not None
+        if self.outcome is None:  # lost or suspended: what is stored is the truth
+            self.outcome = RunOutcome(self._snapshot())
         return self.outcome
+
+    def _lose(self) -> None:
+        """Stop acting for this saga: another worker may own it now."""
+        if self._finishing and not self.lost:
+            return
+        self.lost = True
+        log.warning("saga %s: lease lost; stopping its work in this process", self.saga_id)
+        for scope in (self._work_scope, self._shield_scope):
+            if scope is not None:
+                scope.cancel()
+
+    async def _keep_lease(self) -> None:
+        """Renew the lease every third of its length; stop acting once it cannot be trusted.
+
+        Without a successful renewal by ``lease_until - margin`` (measured on the monotonic
+        clock from the last success), the run stops even if the database is unreachable: a
+        worker that cannot renew must assume another one takes over.
+        """
+        margin = self.lease_seconds / 4
+        trusted_until = time.monotonic() + self.lease_seconds - margin
+        while True:
+            await anyio.sleep(
+                min(self.lease_seconds / 3, max(0.01, trusted_until - time.monotonic()))
+            )
+            started = time.monotonic()
+            try:
+                held = await self.store.renew_leases(
+                    self.fence.owner, [self.fence], self.lease_seconds
+                )
+            except StorageError as exc:
+                if time.monotonic() >= trusted_until:
+                    log.warning("saga %s: cannot renew lease (%s)", self.saga_id, exc)
+                    self._lose()
+                    return
+                continue
+            if self.fence.saga_id not in held:
+                self._lose()
+                return
+            trusted_until = started + self.lease_seconds - margin
 
     def cancel(self) -> None:
         """Stop starting steps, cancel the ones in flight, and compensate."""
@@ -142,6 +213,8 @@ class SagaRun:
 
     # --- phases --------------------------------------------------------------------------
     async def _drive(self, background: TaskGroup) -> None:
+        if await self._count_crashes():
+            return
         if self.status == SagaStatus.PENDING:
             await self._commit(SagaWrite(status=self._to(SagaStatus.RUNNING)))
         if self.status == SagaStatus.RUNNING:
@@ -165,7 +238,7 @@ class SagaRun:
             )
         if self.status == SagaStatus.COMPENSATING:
             # Shielded: once compensation starts, cancelling the caller must not stop it halfway.
-            with anyio.CancelScope(shield=True):
+            with anyio.CancelScope(shield=True) as self._shield_scope:
                 ok = await self._compensate(background)
                 await self._finish(
                     SagaStatus.COMPENSATED if ok else SagaStatus.FAILED,
@@ -175,7 +248,36 @@ class SagaRun:
         # Nothing to do (e.g. FAILED and not retried): report as it is.
         self.outcome = RunOutcome(await self.store.load_saga(self.saga_id))
 
+    async def _count_crashes(self) -> bool:
+        """Count attempts that never reported back; park the saga if one keeps crashing.
+
+        An attempt row still open (started, never finished) when a run begins means the worker
+        that ran it died or lost its lease. Returns True if the saga was parked.
+        """
+        open_rows = [
+            replace(r, crashes=r.crashes + 1)
+            for r in self.steps.values()
+            if r.status in (StepStatus.RUNNING, StepStatus.COMPENSATING)
+            and r.finished_at is None
+            and r.started_at is not None
+        ]
+        if not open_rows:
+            return False
+        looping = [r for r in open_rows if r.crashes >= self.max_crashes]
+        if looping and self.status in (SagaStatus.RUNNING, SagaStatus.COMPENSATING):
+            r = looping[0]
+            self.failure = _Failure(
+                r.name,
+                ErrorRecord("CrashLoop", f"step {r.name!r} crashed its worker {r.crashes} times"),
+            )
+            await self._commit(SagaWrite(steps=tuple(open_rows)))
+            await self._finish(SagaStatus.FAILED, CRASH_LOOP)
+            return True
+        await self._commit(SagaWrite(steps=tuple(open_rows)))
+        return False
+
     async def _finish(self, status: SagaStatus, reason: str | None = None) -> None:
+        self._finishing = True
         f = self.failure
         await self._commit(
             SagaWrite(
@@ -198,7 +300,9 @@ class SagaRun:
         for name in d.order:
             row = self.steps[name]
             if row.status in (StepStatus.REJECTED, StepStatus.UNKNOWN) and self.failure is None:
+                # Recovered after the step's failure was recorded but before the saga moved on.
                 self.failure = _Failure(name, row.error or ErrorRecord("Unknown", "step failed"))
+                self.reason = _forward_reason(d.step(name), row.status == StepStatus.REJECTED)
         if self.failure is not None:
             return
         started: set[str] = {n for n, r in self.steps.items() if r.status == StepStatus.SUCCEEDED}
@@ -215,10 +319,12 @@ class SagaRun:
                         for dep in d.step(s).depends_on
                     ):
                         started.add(s)
+                        self._in_flight += 1
                         tg.start_soon(step_task, s)
 
             async def step_task(name: str) -> None:
                 ok = await self._run_step(d.step(name), background)
+                self._in_flight -= 1
                 if ok:
                     launch_ready()
                 elif self.saga.fail_fast:
@@ -302,6 +408,24 @@ class SagaRun:
                     error=last_error,
                     delay=delay,
                 )
+                # The attempt is over: record it, so a crash while waiting is not a crash of
+                # the step. A long wait in worker mode frees the lease until the retry is due.
+                waiting = replace(row, error=last_error, finished_at=time.time())
+                suspend = (
+                    self.suspend_after is not None
+                    and delay >= self.suspend_after
+                    and self._in_flight == 1
+                )
+                if suspend:
+                    self.suspended = True
+                    await self._commit(SagaWrite(steps=(waiting,), wake_in=delay))
+                    self._trace(
+                        "saga_suspended", "saga {saga} waits {delay:.1f}s for a retry", delay=delay
+                    )
+                    assert self._work_scope is not None
+                    self._work_scope.cancel()
+                    await anyio.lowlevel.checkpoint()
+                await self._commit(SagaWrite(steps=(waiting,)))
                 with anyio.move_on_after(delay):
                     await self._stop.wait()
                 if not self._stop.is_set():
@@ -387,10 +511,7 @@ class SagaRun:
         )
         if self.failure is None and not self._cancel_requested:
             self.failure = _Failure(sd.name, error, exc)
-            if sd.kind == "retriable":
-                self.reason = FORWARD_STUCK
-            elif sd.kind == "pivot" and not clean:
-                self.reason = PIVOT_UNKNOWN
+            self.reason = _forward_reason(sd, clean)
         return False
 
     def _watch(self, name: str, watch: ThreadWatch, background: TaskGroup) -> None:
@@ -583,6 +704,9 @@ class SagaRun:
             try:
                 await self.store.write(self.fence, write)
                 break
+            except LeaseLost:
+                self._lose()
+                raise
             except StorageError as exc:
                 if time.monotonic() > deadline:
                     raise
@@ -620,6 +744,22 @@ class SagaRun:
                     **{f"saga_{k}": v for k, v in fields.items()},
                 },
             )
+
+
+def _forward_reason(sd: StepDefinition, clean: bool) -> str | None:
+    """Why a forward failure parks the saga instead of compensating it (None: compensate)."""
+    if sd.kind == "retriable":
+        return FORWARD_STUCK
+    if sd.kind == "pivot" and not clean:
+        return PIVOT_UNKNOWN
+    return None
+
+
+def _only(exc: BaseException, kind: type[BaseException]) -> bool:
+    """Whether ``exc`` is ``kind`` or a cancellation, or a group made only of those."""
+    if isinstance(exc, BaseExceptionGroup):
+        return all(_only(e, kind) for e in exc.exceptions)
+    return isinstance(exc, (kind, anyio.get_cancelled_exc_class()))
 
 
 def _late_result(value: Any) -> Any:

@@ -5,7 +5,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol, TypeVar, runtime_checkable
 
 from saga_core.events import Message, OutboxEvent
@@ -53,6 +53,28 @@ class SagaStore(Protocol):
 
     async def claim_saga(self, saga_id: str, owner: str, lease_seconds: float) -> Fence | None:
         """Lease a saga nobody holds (or whose lease expired), bumping its epoch; else ``None``."""
+        ...
+
+    async def renew_leases(
+        self, owner: str, fences: Sequence[Fence], lease_seconds: float
+    ) -> set[str]:
+        """Extend these leases; returns the saga ids still held by ``owner`` at the same epoch."""
+        ...
+
+    async def claim_sagas(
+        self,
+        owner: str,
+        known: Mapping[str, Sequence[str]],
+        *,
+        limit: int,
+        lease_seconds: float,
+    ) -> list[Fence]:
+        """Lease sagas needing a worker (pending, lease expired, wake time passed), only of the
+        ``known`` saga types and definition hashes; ``SKIP LOCKED`` where the database has it."""
+        ...
+
+    async def note_unknown_versions(self, owner: str, known: Mapping[str, Sequence[str]]) -> int:
+        """Note on unsettled sagas of ``known`` types with another definition why they wait."""
         ...
 
     async def release(self, fence: Fence) -> None:

@@ -35,6 +35,7 @@ class StepState:
     attempts: int = 0
     result: Any = None
     error: ErrorRecord | None = None
+    crashes: int = 0
     compensation_attempts: int = 0
     compensation_error: ErrorRecord | None = None
     started_at: float | None = None
@@ -124,6 +125,10 @@ class SagaWrite:
     events: tuple[OutboxEvent, ...] = field(default_factory=tuple)
     #: Drop the lease in the same transaction (with a final status).
     release_lease: bool = False
+    #: An operator's note, or why the saga waits (stored with a status change).
+    note: str | None = None
+    #: Drop the lease and let a worker resume the saga after this many seconds (no status).
+    wake_in: float | None = None
 
 
 @dataclass(frozen=True)

@@ -55,6 +55,7 @@ def _step_state(row: Row[Any]) -> StepState:
         attempts=m["attempts"],
         result=loads(m["result"]),
         error=_error(m["error_type"], m["error_message"]),
+        crashes=m["crashes"],
         compensation_attempts=m["compensation_attempts"],
         compensation_error=_error(m["compensation_error_type"], m["compensation_error_message"]),
         started_at=m["started_at"],
@@ -94,6 +95,7 @@ def _step_params(saga_id: str, s: StepState) -> dict[str, Any]:
         "b_result": None if s.result is None else dumps(s.result),
         "b_error_type": s.error.type if s.error else None,
         "b_error_message": s.error.message if s.error else None,
+        "b_crashes": s.crashes,
         "b_compensation_attempts": s.compensation_attempts,
         "b_compensation_error_type": s.compensation_error.type if s.compensation_error else None,
         "b_compensation_error_message": (
@@ -335,7 +337,11 @@ class SqlStorage:
             "b_epoch": fence.epoch,
             "b_ts": now,
         }
-        if change.status is None:
+        if change.wake_in is not None:
+            res = conn.execute(
+                self.sql.fence_suspend, {**fence_params, "b_wake_in": change.wake_in}
+            )
+        elif change.status is None:
             res = conn.execute(self.sql.fence_touch, fence_params)
         else:
             err = change.error
@@ -348,6 +354,7 @@ class SqlStorage:
                     "b_failed_step": change.failed_step,
                     "b_error_type": err.type if err else None,
                     "b_error_message": err.message if err else None,
+                    "b_note": change.note,
                 },
             )
         if res.rowcount != 1:
@@ -376,6 +383,82 @@ class SqlStorage:
                 {"b_id": saga_id, "b_owner": owner, "b_lease": lease_seconds, "b_ts": time.time()},
             ).scalar_one_or_none()
         return None if epoch is None else Fence(saga_id, owner, int(epoch))
+
+    async def renew_leases(
+        self, owner: str, fences: Sequence[Fence], lease_seconds: float
+    ) -> set[str]:
+        """Extend the leases of ``fences``; returns the saga ids still held (same epoch)."""
+        if not fences:
+            return set()
+        return await self._run(self._renew_leases, owner, fences, lease_seconds)
+
+    def _renew_leases(self, owner: str, fences: Sequence[Fence], lease_seconds: float) -> set[str]:
+        with self._lease_write() as conn:
+            rows = conn.execute(
+                self.sql.renew_leases,
+                {"b_owner": owner, "b_ids": [f.saga_id for f in fences], "b_lease": lease_seconds},
+            ).all()
+        epochs = {f.saga_id: f.epoch for f in fences}
+        return {sid for sid, epoch in rows if epochs.get(sid) == epoch}
+
+    @contextlib.contextmanager
+    def _lease_write(self) -> Iterator[Connection]:
+        """A write transaction for lease renewals (a dedicated connection where it matters)."""
+        with self._write() as conn:
+            yield conn
+
+    async def claim_sagas(
+        self,
+        owner: str,
+        known: Mapping[str, Sequence[str]],
+        *,
+        limit: int,
+        lease_seconds: float,
+    ) -> list[Fence]:
+        """Lease up to ``limit`` sagas that need a worker: ``PENDING``, lease expired, or
+        ``wake_at`` passed; only of ``known`` types with one of their definition hashes.
+
+        Sagas of a known type but another definition are left alone and noted.
+        """
+        return await self._run(self._claim_sagas, owner, known, limit, lease_seconds)
+
+    def _claim_sagas(
+        self, owner: str, known: Mapping[str, Sequence[str]], limit: int, lease_seconds: float
+    ) -> list[Fence]:
+        pairs = [(t, h) for t, hashes in known.items() for h in hashes]
+        if not pairs or limit < 1:
+            return []
+        with self._write() as conn:
+            ids = list(
+                conn.execute(
+                    self.sql.claimable_sagas, {"b_known": pairs, "b_limit": limit}
+                ).scalars()
+            )
+            if not ids:
+                return []
+            rows = conn.execute(
+                self.sql.claim_sagas,
+                {"b_ids": ids, "b_owner": owner, "b_lease": lease_seconds, "b_ts": time.time()},
+            ).all()
+        return [Fence(sid, owner, int(epoch)) for sid, epoch in rows]
+
+    async def note_unknown_versions(self, owner: str, known: Mapping[str, Sequence[str]]) -> int:
+        """Mark unsettled sagas of ``known`` types whose definition hash this worker lacks."""
+        return await self._run(self._note_unknown_versions, owner, known)
+
+    def _note_unknown_versions(self, owner: str, known: Mapping[str, Sequence[str]]) -> int:
+        total = 0
+        with self._write() as conn:
+            for saga_type, hashes in known.items():
+                note = (
+                    f"definition differs from the code of worker {owner} "
+                    f"(it has {', '.join(hashes)}); waiting for a worker with this definition"
+                )
+                total += conn.execute(
+                    self.sql.note_unknown_version,
+                    {"b_saga_type": saga_type, "b_hashes": list(hashes), "b_note": note},
+                ).rowcount
+        return total
 
     async def release(self, fence: Fence) -> None:
         """Drop the lease if we still hold it (no error if we do not)."""

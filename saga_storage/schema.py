@@ -65,6 +65,14 @@ def build_tables(prefix: str = "saga_", schema: str | None = None) -> Tables:
         Column("updated_at", Timestamp, nullable=False),
     )
     Index(f"{prefix}sagas_status_idx", sagas.c.status, sagas.c.created_at)
+    # Recovery scans only unsettled sagas: keep that index small as settled ones pile up.
+    Index(
+        f"{prefix}sagas_claim_idx",
+        sagas.c.saga_type,
+        sagas.c.lease_until,
+        sqlite_where=sagas.c.status.in_(("PENDING", "RUNNING", "COMPENSATING")),
+        postgresql_where=sagas.c.status.in_(("PENDING", "RUNNING", "COMPENSATING")),
+    )
     steps = Table(
         f"{prefix}steps",
         md,
@@ -79,6 +87,8 @@ def build_tables(prefix: str = "saga_", schema: str | None = None) -> Tables:
         Column("status", String(24), nullable=False),
         Column("outcome", String(16)),
         Column("attempts", Integer, nullable=False, server_default=text("0")),
+        # Attempts that never reported back (the worker died or lost its lease mid-step).
+        Column("crashes", Integer, nullable=False, server_default=text("0")),
         Column("result", Text),
         Column("error_type", String(255)),
         Column("error_message", Text),

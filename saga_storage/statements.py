@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from sqlalchemy import ColumnElement, Select, and_, bindparam, false, or_, select, update
+from sqlalchemy import ColumnElement, Select, and_, bindparam, false, or_, select, tuple_, update
 
 from saga_storage.schema import Tables
 
@@ -63,33 +63,33 @@ class Statements:
         self.fence_touch = (
             update(sagas).where(fenced).values(version=sagas.c.version + 1, updated_at=b("ts"))
         )
-        self.fence_status = (
-            update(sagas)
-            .where(fenced)
-            .values(
-                version=sagas.c.version + 1,
-                updated_at=b("ts"),
-                status=b("status"),
-                reason=b("reason"),
-                failed_step=b("failed_step"),
-                error_type=b("error_type"),
-                error_message=b("error_message"),
-            )
-        )
+        status_values = {
+            "version": sagas.c.version + 1,
+            "updated_at": b("ts"),
+            "status": b("status"),
+            "reason": b("reason"),
+            "failed_step": b("failed_step"),
+            "error_type": b("error_type"),
+            "error_message": b("error_message"),
+            "note": b("note"),
+        }
+        self.fence_status = update(sagas).where(fenced).values(**status_values)
         # A final status write also drops the lease: one transaction fewer per saga.
         self.fence_finish = (
             update(sagas)
             .where(fenced)
+            .values(**status_values, lease_owner=None, lease_until=None, wake_at=None)
+        )
+        # A saga waiting a long retry backoff holds no lease; a worker claims it at wake_at.
+        self.fence_suspend = (
+            update(sagas)
+            .where(fenced)
             .values(
                 version=sagas.c.version + 1,
                 updated_at=b("ts"),
-                status=b("status"),
-                reason=b("reason"),
-                failed_step=b("failed_step"),
-                error_type=b("error_type"),
-                error_message=b("error_message"),
                 lease_owner=None,
                 lease_until=None,
+                wake_at=now + b("wake_in"),
             )
         )
         self.fence_release = (
@@ -113,6 +113,59 @@ class Statements:
             )
             .returning(sagas.c.lease_epoch)
         )
+        # Renewal of every lease a worker holds, in one statement; what it does not return
+        # was lost (another worker bumped the epoch).
+        self.renew_leases = (
+            update(sagas)
+            .where(
+                sagas.c.lease_owner == b("owner"),
+                sagas.c.id.in_(bindparam("b_ids", expanding=True)),
+            )
+            .values(lease_until=now + b("lease"))
+            .returning(sagas.c.id, sagas.c.lease_epoch)
+        )
+        # What recovery may take: pending sagas, expired leases, and waits whose time came;
+        # only of the (type, definition hash) pairs the worker knows.
+        claimable = and_(
+            tuple_(sagas.c.saga_type, sagas.c.definition_hash).in_(
+                bindparam("b_known", expanding=True)
+            ),
+            sagas.c.status.in_(("PENDING", "RUNNING", "COMPENSATING")),
+            or_(
+                and_(sagas.c.lease_owner.is_not(None), sagas.c.lease_until < now),
+                and_(
+                    sagas.c.lease_owner.is_(None),
+                    or_(sagas.c.wake_at.is_(None), sagas.c.wake_at <= now),
+                ),
+            ),
+        )
+        self.claimable_sagas = lock_claim(
+            select(sagas.c.id).where(claimable).order_by(sagas.c.created_at).limit(b("limit"))
+        )
+        self.claim_sagas = (
+            update(sagas)
+            .where(sagas.c.id.in_(bindparam("b_ids", expanding=True)))
+            .values(
+                lease_owner=b("owner"),
+                lease_epoch=sagas.c.lease_epoch + 1,
+                lease_until=now + b("lease"),
+                wake_at=None,
+                updated_at=b("ts"),
+            )
+            .returning(sagas.c.id, sagas.c.lease_epoch)
+        )
+        # Sagas of a known type stored by another definition: say why nobody advances them.
+        self.note_unknown_version = (
+            update(sagas)
+            .where(
+                sagas.c.saga_type == b("saga_type"),
+                sagas.c.definition_hash.not_in(bindparam("b_hashes", expanding=True)),
+                sagas.c.status.in_(("PENDING", "RUNNING", "COMPENSATING")),
+                or_(sagas.c.note.is_(None), sagas.c.note != b("note")),
+            )
+            .values(note=b("note"))
+        )
+        self.set_note = update(sagas).where(sagas.c.id == b("id")).values(note=b("note"))
         self.update_step = (
             update(steps)
             .where(steps.c.saga_id == b("id"), steps.c.name == b("name"))
@@ -123,6 +176,7 @@ class Statements:
                 result=b("result"),
                 error_type=b("error_type"),
                 error_message=b("error_message"),
+                crashes=b("crashes"),
                 compensation_attempts=b("compensation_attempts"),
                 compensation_error_type=b("compensation_error_type"),
                 compensation_error_message=b("compensation_error_message"),
