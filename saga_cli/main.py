@@ -9,9 +9,12 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import logging
+import os
 import sys
 import time
 from collections.abc import Sequence
+from datetime import datetime, timezone
 from typing import Any
 
 import anyio
@@ -81,15 +84,22 @@ def _show(state: SagaState) -> str:
     ]
     if state.lease_owner:
         lines.append(f"lease     {state.lease_owner} (epoch {state.lease_epoch})")
+    if state.wake_at:
+        lines.append(
+            f"waits     until {datetime.fromtimestamp(state.wake_at, timezone.utc).isoformat()}"
+        )
     if state.error:
         lines.append(f"failed at {state.failed_step}: {state.error}")
+    if state.note:
+        lines.append(f"note      {state.note}")
     lines.append(f"input     {json.dumps(state.input, sort_keys=True)}")
     lines.append("steps:")
     for st in state.steps.values():
         took = ""
         if st.started_at and st.finished_at:
             took = f" {1000 * (st.finished_at - st.started_at):.1f}ms"
-        lines.append(f"  {st.name:24} {st.status.value:20} attempts={st.attempts}{took}")
+        crashes = f" crashes={st.crashes}" if st.crashes else ""
+        lines.append(f"  {st.name:24} {st.status.value:20} attempts={st.attempts}{crashes}{took}")
         if st.result is not None:
             lines.append(f"  {'':24} result {json.dumps(st.result, sort_keys=True)}")
         if st.error:
@@ -118,13 +128,97 @@ def _cmd_cancel(args: argparse.Namespace) -> int:
     from saga_core import SagaOrchestrator
 
     sys.path.insert(0, ".")
-    for module in args.imports or ():
-        importlib.import_module(module)
+    _import_modules(args.imports)
     storage = _storage(args)
     try:
         state = anyio.run(SagaOrchestrator(storage).cancel, args.saga_id)
     except (SagaError, LookupError) as exc:
         print(f"saga cancel: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        storage.dispose()
+    print(_show(state))
+    return 0
+
+
+def _env_float(name: str, default: float) -> float:
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        return float(raw)
+    except ValueError:
+        raise SystemExit(f"saga: {name} must be a number, got {raw!r}") from None
+
+
+def _import_modules(modules: Sequence[str] | None) -> None:
+    sys.path.insert(0, ".")
+    for module in modules or ():
+        try:
+            importlib.import_module(module)
+        except ImportError as exc:
+            raise SystemExit(f"saga: cannot import {module!r}: {exc}") from exc
+
+
+def _cmd_worker(args: argparse.Namespace) -> int:
+    from saga_brokers import create_broker, redact_url
+    from saga_core import SagaWorker, registered_sagas
+
+    _import_modules(args.imports)
+    sagas = registered_sagas()
+    if not sagas:
+        print("saga worker: no saga classes found; pass --import MODULE", file=sys.stderr)
+        return 2
+    storage = _storage(args)
+    broker = (
+        create_broker(args.broker) if (args.broker or os.environ.get("SAGA_BROKER_URL")) else None
+    )
+    worker = SagaWorker(
+        storage,
+        broker,
+        concurrency=args.concurrency,
+        lease_seconds=args.lease,
+        relay=broker is not None,
+    )
+    where = redact_url(str(args.broker or os.environ.get("SAGA_BROKER_URL", ""))) or "no broker"
+    print(
+        f"saga worker {worker.owner}: {', '.join(sorted(sagas))} "
+        f"(concurrency {args.concurrency}, lease {args.lease:g}s, relay: {where})",
+        flush=True,
+    )
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    try:
+        anyio.run(worker.run_until_signalled)
+    finally:
+        storage.dispose()
+    print("saga worker stopped", flush=True)
+    return 0
+
+
+def _cmd_retry(args: argparse.Namespace) -> int:
+    from saga_core import retry_saga
+
+    storage = _storage(args)
+    try:
+        state = anyio.run(retry_saga, storage, args.saga_id)
+    except (SagaError, LookupError) as exc:
+        print(f"saga retry: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        storage.dispose()
+    print(_show(state))
+    return 0
+
+
+def _cmd_resolve(args: argparse.Namespace) -> int:
+    from saga_core import resolve_saga
+
+    storage = _storage(args)
+    status = SagaStatus(args.as_status.upper())
+    try:
+        state = anyio.run(resolve_saga, storage, args.saga_id, status, args.note)
+    except (SagaError, LookupError) as exc:
+        print(f"saga resolve: {exc}", file=sys.stderr)
         return 1
     finally:
         storage.dispose()
@@ -176,6 +270,43 @@ def build_parser() -> argparse.ArgumentParser:
         help="module defining the saga class",
     )
     c.set_defaults(func=_cmd_cancel)
+
+    w = sub.add_parser("worker", help="run pending and recovered sagas (and the outbox relay)")
+    with_db(w)
+    w.add_argument("--broker", help="broker URL for the relay (default: $SAGA_BROKER_URL; none)")
+    w.add_argument(
+        "--import",
+        dest="imports",
+        action="append",
+        metavar="MODULE",
+        help="module defining saga classes (repeatable)",
+    )
+    w.add_argument(
+        "--concurrency",
+        type=int,
+        default=int(_env_float("SAGA_WORKER_CONCURRENCY", 16)),
+        help="sagas run at once (default: $SAGA_WORKER_CONCURRENCY or 16)",
+    )
+    w.add_argument(
+        "--lease",
+        type=float,
+        default=_env_float("SAGA_LEASE_SECONDS", 30.0),
+        metavar="SECONDS",
+        help="lease length (default: $SAGA_LEASE_SECONDS or 30)",
+    )
+    w.set_defaults(func=_cmd_worker)
+
+    r = sub.add_parser("retry", help="send a FAILED saga back to the workers")
+    with_db(r)
+    r.add_argument("saga_id")
+    r.set_defaults(func=_cmd_retry)
+
+    rs = sub.add_parser("resolve", help="close a FAILED saga by hand, with a note")
+    with_db(rs)
+    rs.add_argument("saga_id")
+    rs.add_argument("--as", dest="as_status", choices=["completed", "compensated"], required=True)
+    rs.add_argument("--note", required=True, help="what was done by hand")
+    rs.set_defaults(func=_cmd_resolve)
     return p
 
 
