@@ -20,7 +20,6 @@ from saga_core import (
     SagaWorker,
     StepContext,
     StepStatus,
-    compensate,
     resolve_saga,
     retry_saga,
     step,
@@ -179,7 +178,6 @@ async def test_lost_lease_stops_the_run_and_writes_nothing(storage: SqlStorage) 
     assert not a.running
 
 
-_ATTEMPTS: dict[str, int] = {}
 
 
 class _Waiting(DeclarativeSaga):
