@@ -68,6 +68,24 @@ class PostgresStorage(SqlStorage):
     ) -> None:
         # The thread limiter matches the pool, so threads never queue on the pool itself.
         super().__init__(engine, prefix=prefix, schema=schema, max_threads=pool_size)
+        self._lease_engine: Engine | None = None
+
+    @contextlib.contextmanager
+    def _lease_write(self) -> Iterator[Connection]:
+        # Renewals get a connection of their own: a pool busy with step records must not make
+        # a worker lose its leases.
+        if self._lease_engine is None:
+            self._lease_engine = make_postgres_engine(
+                self.engine.url.render_as_string(hide_password=False), pool_size=1
+            )
+        with self._lease_engine.begin() as conn:
+            yield conn
+
+    def dispose(self) -> None:
+        """Close every pooled connection, the lease connection included."""
+        super().dispose()
+        if self._lease_engine is not None:
+            self._lease_engine.dispose()
 
     def _now(self) -> ColumnElement[float]:
         # clock_timestamp(), not now(): leases compare against real time, not transaction start.

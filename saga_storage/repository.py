@@ -138,6 +138,8 @@ class SqlStorage:
         # One limiter per event loop: the same storage may serve several loops in turn (a sync
         # facade's loop thread, then an anyio.run of a script), and limiters are loop-bound.
         self._limiter: RunVar[anyio.CapacityLimiter] = RunVar(f"saga_storage_{id(self)}")
+        # Lease renewals never wait behind a busy limiter either.
+        self._lease_limiter: RunVar[anyio.CapacityLimiter] = RunVar(f"saga_leases_{id(self)}")
 
     # --- dialect hooks ---------------------------------------------------------------------
     def _now(self) -> ColumnElement[float]:
@@ -177,12 +179,13 @@ class SqlStorage:
         """Turn a driver failure into our own error type (no URL or secret in the message)."""
         return StorageError(f"{self.dialect} storage failed: {type(exc.orig).__name__}: {exc.orig}")
 
-    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
+    async def _run(self, fn: Callable[..., T], *args: Any, lease: bool = False) -> T:
+        var = self._lease_limiter if lease else self._limiter
         try:
-            limiter = self._limiter.get()
+            limiter = var.get()
         except LookupError:
-            limiter = anyio.CapacityLimiter(self._max_threads)
-            self._limiter.set(limiter)
+            limiter = anyio.CapacityLimiter(1 if lease else self._max_threads)
+            var.set(limiter)
         return await anyio.to_thread.run_sync(
             functools.partial(self._guarded, fn, *args), limiter=limiter
         )
@@ -390,7 +393,7 @@ class SqlStorage:
         """Extend the leases of ``fences``; returns the saga ids still held (same epoch)."""
         if not fences:
             return set()
-        return await self._run(self._renew_leases, owner, fences, lease_seconds)
+        return await self._run(self._renew_leases, owner, fences, lease_seconds, lease=True)
 
     def _renew_leases(self, owner: str, fences: Sequence[Fence], lease_seconds: float) -> set[str]:
         with self._lease_write() as conn:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -24,21 +24,36 @@ PG_URL = os.environ.get(
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
-def storage_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'saga.db'}"
-        return
-    require_server("127.0.0.1", 5432, "PostgreSQL")
-    schema = f"t_{uuid.uuid4().hex[:12]}"
-    admin = create_engine(PG_URL)
-    with admin.begin() as conn:
-        conn.execute(text(f"CREATE SCHEMA {schema}"))
-    try:
-        yield f"{PG_URL}?options=-csearch_path%3D{schema}"
-    finally:
+def fresh_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Callable[[], str]]:
+    """Makes URLs of new, empty databases of one dialect (removed after the test)."""
+    schemas: list[str] = []
+    admin = None
+    if request.param == "postgresql":
+        require_server("127.0.0.1", 5432, "PostgreSQL")
+        admin = create_engine(PG_URL)
+
+    def make() -> str:
+        if admin is None:
+            return f"sqlite:///{tmp_path / f'saga-{uuid.uuid4().hex[:8]}.db'}"
+        schema = f"t_{uuid.uuid4().hex[:12]}"
         with admin.begin() as conn:
-            conn.execute(text(f"DROP SCHEMA {schema} CASCADE"))
-        admin.dispose()
+            conn.execute(text(f"CREATE SCHEMA {schema}"))
+        schemas.append(schema)
+        return f"{PG_URL}?options=-csearch_path%3D{schema}"
+
+    try:
+        yield make
+    finally:
+        if admin is not None:
+            with admin.begin() as conn:
+                for schema in schemas:
+                    conn.execute(text(f"DROP SCHEMA {schema} CASCADE"))
+            admin.dispose()
+
+
+@pytest.fixture
+def storage_url(fresh_url: Callable[[], str]) -> str:
+    return fresh_url()
 
 
 @pytest.fixture

@@ -178,8 +178,6 @@ async def test_lost_lease_stops_the_run_and_writes_nothing(storage: SqlStorage) 
     assert not a.running
 
 
-
-
 class _Waiting(DeclarativeSaga):
     saga_type = "test-worker-waiting"
 

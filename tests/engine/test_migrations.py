@@ -1,0 +1,92 @@
+"""Schema creation: migrations equal the declared schema, and concurrent starters are safe."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from sqlalchemy import create_engine, inspect, select
+from sqlalchemy.engine import Engine
+
+from saga_storage import create_storage
+from saga_storage.migrations import latest_version
+from saga_storage.schema import build_tables
+
+
+def _describe(engine: Engine) -> dict[str, Any]:
+    insp = inspect(engine)
+    out: dict[str, Any] = {}
+    for table in sorted(insp.get_table_names()):
+        out[table] = {
+            "columns": [
+                (c["name"], str(c["type"]), c["nullable"], str(c.get("default")))
+                for c in insp.get_columns(table)
+            ],
+            "pk": insp.get_pk_constraint(table)["constrained_columns"],
+            "indexes": sorted(
+                (i["name"], tuple(i["column_names"]), bool(i["unique"]))
+                for i in insp.get_indexes(table)
+            ),
+            "fks": sorted(
+                (tuple(f["constrained_columns"]), f["referred_table"], tuple(f["referred_columns"]))
+                for f in insp.get_foreign_keys(table)
+            ),
+            "unique": sorted(tuple(u["column_names"]) for u in insp.get_unique_constraints(table)),
+        }
+    return out
+
+
+def test_migrations_equal_the_declared_schema(fresh_url: Callable[[], str]) -> None:
+    migrated_url, declared_url = fresh_url(), fresh_url()
+    migrated = create_storage(migrated_url)  # runs every migration in order
+    declared = create_engine(declared_url)
+    build_tables().metadata.create_all(declared)
+    try:
+        assert _describe(migrated.engine) == _describe(declared)
+        assert "saga_sagas" in _describe(declared)
+    finally:
+        migrated.dispose()
+        declared.dispose()
+
+
+def test_migrate_is_idempotent_and_records_versions(storage_url: str) -> None:
+    first = create_storage(storage_url)
+    assert first.migrate() == 0  # create_storage already applied everything
+    with first.engine.connect() as conn:
+        versions = conn.execute(select(first.tables.version.c.version)).scalars().all()
+    assert versions == list(range(1, latest_version() + 1))
+    first.dispose()
+
+
+def test_concurrent_starters_migrate_once(storage_url: str) -> None:
+    errors: list[BaseException] = []
+    barrier = threading.Barrier(4)
+
+    def start() -> None:
+        try:
+            barrier.wait()
+            create_storage(storage_url).dispose()
+        except BaseException as exc:  # collected and asserted below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=start) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert errors == []
+    storage = create_storage(storage_url, migrate=False)
+    with storage.engine.connect() as conn:
+        versions = conn.execute(select(storage.tables.version.c.version)).scalars().all()
+    assert versions == list(range(1, latest_version() + 1))
+    storage.dispose()
+
+
+def test_table_prefix_separates_table_sets(storage_url: str) -> None:
+    a = create_storage(storage_url, prefix="app_a_")
+    b = create_storage(storage_url, prefix="app_b_")
+    names = set(inspect(a.engine).get_table_names())
+    assert {"app_a_sagas", "app_b_sagas", "app_a_outbox", "app_b_schema_version"} <= names
+    a.dispose()
+    b.dispose()
