@@ -1,0 +1,294 @@
+"""The forward phase of a saga run: steps start as soon as their dependencies finish."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+from typing import Any
+
+import anyio
+from anyio.abc import TaskGroup
+
+from saga_core._invoke import StepTimeout, ThreadStillRunning, ThreadWatch, call_user
+from saga_core._json import check_json_object
+from saga_core._run_base import (
+    FORWARD_STUCK,
+    PIVOT_UNKNOWN,
+    Failure,
+    RunBase,
+    now_iso,
+)
+from saga_core.context import StepContext
+from saga_core.definition import StepDefinition
+from saga_core.errors import ErrorRecord, LeaseLost
+from saga_core.events import OutboxEvent
+from saga_core.records import REJECTED, SUCCEEDED, UNKNOWN, SagaWrite, StepState
+from saga_core.states import StepStatus
+
+
+class ForwardPhase(RunBase):
+    """Runs the forward steps of a saga, with retries, timeouts and failure strategies."""
+
+    # --- forward -------------------------------------------------------------------------
+    async def _forward(self, background: TaskGroup) -> None:
+        d = self.definition
+        for name in d.order:
+            row = self.steps[name]
+            if row.status in (StepStatus.REJECTED, StepStatus.UNKNOWN) and self.failure is None:
+                # Recovered after the step's failure was recorded but before the saga moved on.
+                self.failure = Failure(name, row.error or ErrorRecord("Unknown", "step failed"))
+                self.reason = _forward_reason(d.step(name), row.status == StepStatus.REJECTED)
+        if self.failure is not None:
+            return
+        started: set[str] = {n for n, r in self.steps.items() if r.status == StepStatus.SUCCEEDED}
+        async with anyio.create_task_group() as tg:
+
+            def launch_ready() -> None:
+                if self.failure is not None or self._cancel_requested:
+                    return
+                for s in d.order:
+                    if s in started:
+                        continue
+                    if all(
+                        self.steps[dep].status == StepStatus.SUCCEEDED
+                        for dep in d.step(s).depends_on
+                    ):
+                        started.add(s)
+                        self._in_flight += 1
+                        tg.start_soon(step_task, s)
+
+            async def step_task(name: str) -> None:
+                ok = await self._run_step(d.step(name), background)
+                self._in_flight -= 1
+                if ok:
+                    launch_ready()
+                elif self.saga.fail_fast:
+                    self._stop_steps(keep=name)
+
+            launch_ready()
+
+    async def _run_step(self, sd: StepDefinition, background: TaskGroup) -> bool:
+        """Run one step with its retries; True if it succeeded."""
+        name = sd.name
+        attempt = self.steps[name].attempts
+        last_error: ErrorRecord | None = self.steps[name].error
+        while True:
+            attempt += 1
+            row = self._step(
+                name,
+                status=StepStatus.RUNNING,
+                attempts=attempt,
+                error=last_error,
+                started_at=time.time(),
+                finished_at=None,
+            )
+            await self._commit(SagaWrite(steps=(row,)))
+            self._trace(
+                "step_started",
+                "  step {step} started (attempt {attempt})",
+                step=name,
+                attempt=attempt,
+            )
+            ctx = StepContext(
+                self._forward_context(name),
+                saga_id=self.saga_id,
+                step=name,
+                attempt=attempt,
+                deadline=None if sd.timeout is None else time.monotonic() + sd.timeout,
+            )
+            exc: BaseException | None = None
+            result: Any = None
+            with anyio.CancelScope() as scope:
+                self._scopes[name] = scope
+                try:
+                    if sd.transactional:
+                        return await self._run_transactional(sd, ctx, row)
+                    result = await call_user(
+                        getattr(self.saga, sd.attr),
+                        ctx,
+                        is_async=sd.is_async,
+                        timeout=sd.timeout,
+                        what=f"step {name!r}",
+                        limiter=self.limits.steps,
+                        background=background,
+                        on_thread=lambda w: self._watch(name, w, background),
+                    )
+                except LeaseLost:
+                    raise
+                except Exception as e:
+                    exc = e
+                finally:
+                    del self._scopes[name]
+            if scope.cancelled_caught:
+                exc = StepTimeout(f"step {name!r} was cancelled (fail_fast or saga cancel)")
+            if exc is None:
+                try:
+                    return await self._record_success(sd, row, result)
+                except TypeError as bad:  # the effect happened but cannot be stored: unknown
+                    exc = bad
+            last_error = ErrorRecord.from_exception(exc)
+            clean = sd.is_clean_failure(exc) and not isinstance(exc, StepTimeout)
+            retry_ok = (
+                not clean
+                and not isinstance(exc, ThreadStillRunning)
+                and not self._stop.is_set()
+                and sd.retry.should_retry(attempt, exc)
+            )
+            if retry_ok:
+                delay = sd.retry.delay(attempt)
+                self._trace(
+                    "step_retry",
+                    "  step {step} failed ({error}); retry in {delay:.2f}s",
+                    step=name,
+                    error=last_error,
+                    delay=delay,
+                )
+                # The attempt is over: record it, so a crash while waiting is not a crash of
+                # the step. A long wait in worker mode frees the lease until the retry is due.
+                waiting = replace(row, error=last_error, finished_at=time.time())
+                suspend = (
+                    self.suspend_after is not None
+                    and delay >= self.suspend_after
+                    and self._in_flight == 1
+                )
+                if suspend:
+                    self.suspended = True
+                    await self._commit(SagaWrite(steps=(waiting,), wake_in=delay))
+                    self._trace(
+                        "saga_suspended", "saga {saga} waits {delay:.1f}s for a retry", delay=delay
+                    )
+                    assert self._work_scope is not None
+                    self._work_scope.cancel()
+                    await anyio.lowlevel.checkpoint()
+                await self._commit(SagaWrite(steps=(waiting,)))
+                with anyio.move_on_after(delay):
+                    await self._stop.wait()
+                if not self._stop.is_set():
+                    continue
+            return await self._record_failure(sd, row, exc, last_error, clean)
+
+    async def _run_transactional(
+        self, sd: StepDefinition, ctx: StepContext, row: StepState
+    ) -> bool:
+        fn = getattr(self.saga, sd.attr)
+
+        def action(conn: Any) -> Any:
+            ctx.connection = conn
+            return fn(ctx)
+
+        writes: list[SagaWrite] = []
+
+        def finish(result: Any) -> SagaWrite:
+            writes.append(self._success_write(sd, row, result))
+            return writes[-1]
+
+        # Runs in the storage's thread: the user's SQL and the step record commit together.
+        await self.store.write_transactional(self.fence, action, finish, sd.timeout)
+        self._apply_success(sd.name, writes[-1])
+        return True
+
+    def _success_write(self, sd: StepDefinition, row: StepState, result: Any) -> SagaWrite:
+        value = {} if result is None else check_json_object(result, f"result of step {sd.name!r}")
+        done = replace(
+            row,
+            status=self._step_to(row.name, StepStatus.SUCCEEDED),
+            outcome=SUCCEEDED,
+            result=value,
+            error=None,
+            finished_at=time.time(),
+        )
+        event = OutboxEvent(
+            aggregate_type=sd.aggregate_type,
+            event_type=sd.event_type,
+            topic=sd.topic,
+            saga_id=self.saga_id,
+            payload={
+                "saga_id": self.saga_id,
+                "step": sd.name,
+                "result": value,
+                "occurred_at": now_iso(),
+            },
+        )
+        return SagaWrite(steps=(done,), events=(event,))
+
+    def _apply_success(self, name: str, write: SagaWrite) -> None:
+        self.steps[name] = write.steps[0]
+        self._trace("step_succeeded", "  step {step} succeeded", step=name)
+
+    async def _record_success(self, sd: StepDefinition, row: StepState, result: Any) -> bool:
+        write = self._success_write(sd, row, result)
+        await self._commit(write, update_rows=False)
+        self._apply_success(sd.name, write)
+        return True
+
+    async def _record_failure(
+        self,
+        sd: StepDefinition,
+        row: StepState,
+        exc: BaseException,
+        error: ErrorRecord,
+        clean: bool,
+    ) -> bool:
+        status = StepStatus.REJECTED if clean else StepStatus.UNKNOWN
+        failed = replace(
+            row,
+            status=self._step_to(sd.name, status),
+            outcome=REJECTED if clean else UNKNOWN,
+            error=error,
+            finished_at=time.time(),
+        )
+        await self._commit(SagaWrite(steps=(failed,)))
+        self._trace(
+            "step_failed",
+            "  step {step} failed: {error} (" + ("rejected" if clean else "outcome unknown") + ")",
+            step=sd.name,
+            error=error,
+        )
+        if self.failure is None and not self._cancel_requested:
+            self.failure = Failure(sd.name, error, exc)
+            self.reason = _forward_reason(sd, clean)
+        return False
+
+    def _watch(self, name: str, watch: ThreadWatch, background: TaskGroup) -> None:
+        """Remember a step's thread; if the step is given up on, record its late outcome."""
+        self.threads[name] = watch
+
+        async def record_late() -> None:
+            await watch.done.wait()
+            row = self.steps[name]
+            if row.status != StepStatus.UNKNOWN:
+                return  # finished in time: recorded by the step itself
+            with anyio.CancelScope(shield=True):
+                late = (
+                    replace(row, error=ErrorRecord.from_exception(watch.error))
+                    if watch.error is not None
+                    else replace(row, result=_late_result(watch.result))
+                )
+                await self._commit(SagaWrite(steps=(late,)))
+                self._trace(
+                    "step_late", "  step {step} thread finished late; outcome recorded", step=name
+                )
+
+        async def late_then_signal() -> None:
+            try:
+                await record_late()
+            finally:
+                watch.late_recorded.set()
+
+        background.start_soon(late_then_signal)
+
+
+def _forward_reason(sd: StepDefinition, clean: bool) -> str | None:
+    """Why a forward failure parks the saga instead of compensating it (None: compensate)."""
+    if sd.kind == "retriable":
+        return FORWARD_STUCK
+    if sd.kind == "pivot" and not clean:
+        return PIVOT_UNKNOWN
+    return None
+
+
+def _late_result(value: Any) -> Any:
+    try:
+        return {} if value is None else check_json_object(value, "late result")
+    except TypeError as exc:
+        return {"unstorable_result": str(exc)}

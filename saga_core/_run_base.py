@@ -1,0 +1,217 @@
+"""State and storage plumbing shared by the phases of a saga run (see ``_run``)."""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timezone
+from typing import Any
+
+import anyio
+from anyio.lowlevel import RunVar
+
+from saga_core._invoke import ThreadWatch
+from saga_core.definition import DeclarativeSaga, SagaDefinition
+from saga_core.errors import ErrorRecord, LeaseLost, StorageError
+from saga_core.ports import SagaStore
+from saga_core.records import Fence, SagaState, SagaWrite, StepState
+from saga_core.states import SagaStatus, StepStatus, saga_transition, step_transition
+
+log = logging.getLogger("saga")
+
+COMPENSATION_FAILED = "compensation_failed"
+FORWARD_STUCK = "forward_stuck"
+PIVOT_UNKNOWN = "pivot_unknown"
+CRASH_LOOP = "crash_loop"
+
+CANCELLED = ErrorRecord("Cancelled", "saga cancelled")
+
+
+class Limits:
+    """Thread limiters of one orchestrator (never anyio's shared default), one set per event
+    loop, since an orchestrator may be used from several ``anyio.run`` calls in turn."""
+
+    def __init__(self, step_threads: int) -> None:
+        self._step_threads = step_threads
+        self._steps: RunVar[anyio.CapacityLimiter] = RunVar(f"saga_steps_{id(self)}")
+
+    @property
+    def steps(self) -> anyio.CapacityLimiter:
+        """Limits sync steps and compensations running in worker threads."""
+        try:
+            return self._steps.get()
+        except LookupError:
+            limiter = anyio.CapacityLimiter(self._step_threads)
+            self._steps.set(limiter)
+            return limiter
+
+
+@dataclass
+class Failure:
+    step: str | None
+    error: ErrorRecord
+    cause: BaseException | None = None
+
+
+@dataclass
+class RunOutcome:
+    """How a run ended, for ``execute()`` and ``result()``."""
+
+    state: SagaState
+    failure_cause: BaseException | None = None
+    compensation_errors: dict[str, ErrorRecord] = field(default_factory=dict)
+
+
+def now_iso() -> str:
+    return datetime.now(timezone.utc).isoformat()
+
+
+class RunBase:
+    """Execution state of one saga instance and the fenced writes that persist it."""
+
+    def __init__(
+        self,
+        *,
+        store: SagaStore,
+        definition: SagaDefinition,
+        saga: DeclarativeSaga,
+        state: SagaState,
+        fence: Fence,
+        limits: Limits,
+        lease_seconds: float = 60.0,
+        max_crashes: int = 5,
+        suspend_after: float | None = None,
+    ) -> None:
+        self.store = store
+        self.definition = definition
+        self.saga = saga
+        self.fence = fence
+        self.limits = limits
+        self.saga_id = state.saga_id
+        self.input = dict(state.input)
+        self.status = state.status
+        self.steps: dict[str, StepState] = dict(state.steps)
+        self.failure: Failure | None = (
+            Failure(state.failed_step, state.error) if state.error is not None else None
+        )
+        self.reason: str | None = state.reason
+        self.threads: dict[str, ThreadWatch] = {}
+        self.comp_errors: dict[str, ErrorRecord] = {}
+        self.done = anyio.Event()
+        self.outcome: RunOutcome | None = None
+        self.lease_seconds = lease_seconds
+        self.max_crashes = max_crashes
+        # Retry waits at least this long release the lease and end the run (worker mode); a
+        # worker resumes the saga at its wake time. None: always wait in-process.
+        self.suspend_after = suspend_after
+        #: The lease was lost (another worker owns the saga now): this run wrote nothing more.
+        self.lost = False
+        #: The run released the lease to wait for a retry (resumed later by a worker).
+        self.suspended = False
+        self._work_scope: anyio.CancelScope | None = None
+        self._shield_scope: anyio.CancelScope | None = None
+        self._finishing = False
+        self._scopes: dict[str, anyio.CancelScope] = {}
+        self._in_flight = 0
+        self._cancel_requested = False
+        # Set to stop steps from retrying: on cancel(), or when a step fails under fail_fast.
+        self._stop = anyio.Event()
+
+    def _lose(self) -> None:
+        """Stop acting for this saga: another worker may own it now."""
+        if self._finishing and not self.lost:
+            return
+        self.lost = True
+        log.warning("saga %s: lease lost; stopping its work in this process", self.saga_id)
+        for scope in (self._work_scope, self._shield_scope):
+            if scope is not None:
+                scope.cancel()
+
+    def _stop_steps(self, keep: str | None = None) -> None:
+        self._stop.set()
+        for name, scope in self._scopes.items():
+            if name != keep:
+                scope.cancel()
+
+    # --- state and storage ---------------------------------------------------------------
+    def _forward_context(self, name: str) -> dict[str, Any]:
+        data = dict(self.input)
+        for dep in self.definition.ancestors[name]:
+            data.update(self.steps[dep].result or {})
+        return copy.deepcopy(data)
+
+    def _compensation_context(self) -> dict[str, Any]:
+        data = dict(self.input)
+        for s in self.definition.order:
+            r = self.steps[s]
+            if isinstance(r.result, Mapping):
+                data.update(r.result)
+        return copy.deepcopy(data)
+
+    def _to(self, status: SagaStatus) -> SagaStatus:
+        return saga_transition(self.status, status)
+
+    def _step_to(self, name: str, status: StepStatus) -> StepStatus:
+        return step_transition(self.steps[name].status, status)
+
+    def _step(self, name: str, *, status: StepStatus, **changes: Any) -> StepState:
+        return replace(self.steps[name], status=self._step_to(name, status), **changes)
+
+    def _steps_set(self, row: StepState) -> None:
+        self.steps[row.name] = row
+
+    async def _commit(self, write: SagaWrite, *, update_rows: bool = True) -> None:
+        """Persist ``write``, retrying database failures with the same payload.
+
+        A write that fails for a database reason never turns into a step failure: the effect
+        exists, so the record must be made. ``LeaseLost`` is not retried.
+        """
+        delay = 0.05
+        deadline = time.monotonic() + 30.0
+        while True:
+            try:
+                await self.store.write(self.fence, write)
+                break
+            except LeaseLost:
+                self._lose()
+                raise
+            except StorageError as exc:
+                if time.monotonic() > deadline:
+                    raise
+                log.warning("saga %s: write failed (%s); retrying", self.saga_id, exc)
+                await anyio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+        if write.status is not None:
+            self.status = write.status
+        if update_rows:
+            for row in write.steps:
+                self.steps[row.name] = row
+
+    def _snapshot(self) -> SagaState:
+        f = self.failure
+        return SagaState(
+            saga_id=self.saga_id,
+            saga_type=self.definition.saga_type,
+            definition_hash=self.definition.version,
+            status=self.status,
+            input=self.input,
+            steps=dict(self.steps),
+            reason=self.reason,
+            failed_step=f.step if f else None,
+            error=f.error if f else None,
+        )
+
+    def _trace(self, event: str, template: str, **fields: Any) -> None:
+        if log.isEnabledFor(logging.INFO):
+            msg = template.format(saga=self.saga_id, **fields)
+            log.info(
+                msg,
+                extra={
+                    "saga_event": event,
+                    "saga_id": self.saga_id,
+                    **{f"saga_{k}": v for k, v in fields.items()},
+                },
+            )
