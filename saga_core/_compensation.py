@@ -26,6 +26,15 @@ class CompensationPhase(RunBase):
     # --- compensation --------------------------------------------------------------------
     async def _compensate(self, background: TaskGroup) -> bool:
         graph = self.definition.graph
+        # An attempt that never reported back (its worker died, or the saga was cancelled from
+        # another process) may have acted: its outcome is unknown, so it is undone too.
+        open_attempts = tuple(
+            replace(r, status=self._step_to(r.name, StepStatus.UNKNOWN), outcome=UNKNOWN)
+            for r in self.steps.values()
+            if r.status == StepStatus.RUNNING
+        )
+        if open_attempts:
+            await self._commit(SagaWrite(steps=open_attempts))
         affected = [
             s
             for s in graph.steps

@@ -9,7 +9,7 @@ from typing import Any
 import anyio
 from anyio.abc import TaskGroup
 
-from saga_core._invoke import StepTimeout, ThreadStillRunning, ThreadWatch, call_user
+from saga_core._invoke import StepTimeout, ThreadStillRunning, ThreadWatch, call_user, step_thread
 from saga_core._json import check_json_object
 from saga_core._run_base import (
     FORWARD_STUCK,
@@ -111,7 +111,7 @@ class ForwardPhase(RunBase):
                         what=f"step {name!r}",
                         limiter=self.limits.steps,
                         background=background,
-                        on_thread=lambda w: self._watch(name, w, background),
+                        on_thread=lambda w: self.threads.__setitem__(name, w),
                     )
                 except LeaseLost:
                     raise
@@ -121,16 +121,24 @@ class ForwardPhase(RunBase):
                     del self._scopes[name]
             if scope.cancelled_caught:
                 exc = StepTimeout(f"step {name!r} was cancelled (fail_fast or saga cancel)")
+            # A sync step given up on (timeout or cancellation) still runs in its thread.
+            given_up = isinstance(exc, ThreadStillRunning) or (
+                scope.cancelled_caught and not sd.is_async and not sd.transactional
+            )
+            unstorable = False
             if exc is None:
                 try:
-                    return await self._record_success(sd, row, result)
-                except TypeError as bad:  # the effect happened but cannot be stored: unknown
-                    exc = bad
+                    done = await self._record_success(sd, row, result)
+                    self._settle_thread(name, background, given_up=False)
+                    return done
+                except TypeError as bad:  # the effect happened but cannot be stored
+                    exc, unstorable = bad, True
             last_error = ErrorRecord.from_exception(exc)
-            clean = sd.is_clean_failure(exc) and not isinstance(exc, StepTimeout)
+            # Whatever the step declares, it did act when it returned (section 2): unknown.
+            clean = sd.is_clean_failure(exc) and not isinstance(exc, StepTimeout) and not unstorable
             retry_ok = (
                 not clean
-                and not isinstance(exc, ThreadStillRunning)
+                and not given_up
                 and not self._stop.is_set()
                 and sd.retry.should_retry(attempt, exc)
             )
@@ -165,7 +173,9 @@ class ForwardPhase(RunBase):
                     await self._stop.wait()
                 if not self._stop.is_set():
                     continue
-            return await self._record_failure(sd, row, exc, last_error, clean)
+            recorded = await self._record_failure(sd, row, exc, last_error, clean)
+            self._settle_thread(name, background, given_up=given_up)
+            return recorded
 
     async def _run_transactional(
         self, sd: StepDefinition, ctx: StepContext, row: StepState
@@ -174,7 +184,8 @@ class ForwardPhase(RunBase):
 
         def action(conn: Any) -> Any:
             ctx.connection = conn
-            return fn(ctx)
+            with step_thread():
+                return fn(ctx)
 
         writes: list[SagaWrite] = []
 
@@ -249,16 +260,23 @@ class ForwardPhase(RunBase):
             self.reason = _forward_reason(sd, clean)
         return False
 
-    def _watch(self, name: str, watch: ThreadWatch, background: TaskGroup) -> None:
-        """Remember a step's thread; if the step is given up on, record its late outcome."""
-        self.threads[name] = watch
+    def _settle_thread(self, name: str, background: TaskGroup, *, given_up: bool) -> None:
+        """After a step's outcome is recorded: if its thread was given up on, record what it
+        really did once it returns. Its compensation waits for ``late_recorded``."""
+        watch = self.threads.get(name)
+        if watch is None or watch.late_recorded.is_set():
+            return
+        if not given_up:
+            watch.late_recorded.set()
+            return
+        background.start_soon(self._record_late, name, watch)
 
-        async def record_late() -> None:
+    async def _record_late(self, name: str, watch: ThreadWatch) -> None:
+        # Started only after the UNKNOWN row was written, so this write lands after it.
+        try:
             await watch.done.wait()
-            row = self.steps[name]
-            if row.status != StepStatus.UNKNOWN:
-                return  # finished in time: recorded by the step itself
             with anyio.CancelScope(shield=True):
+                row = self.steps[name]
                 late = (
                     replace(row, error=ErrorRecord.from_exception(watch.error))
                     if watch.error is not None
@@ -268,14 +286,10 @@ class ForwardPhase(RunBase):
                 self._trace(
                     "step_late", "  step {step} thread finished late; outcome recorded", step=name
                 )
-
-        async def late_then_signal() -> None:
-            try:
-                await record_late()
-            finally:
-                watch.late_recorded.set()
-
-        background.start_soon(late_then_signal)
+        except LeaseLost:
+            pass  # another worker owns the saga now; it will compensate what is unknown
+        finally:
+            watch.late_recorded.set()
 
 
 def _forward_reason(sd: StepDefinition, clean: bool) -> str | None:

@@ -8,10 +8,11 @@ still be recorded.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,6 +25,16 @@ _local = threading.local()
 def in_step_thread() -> bool:
     """Whether the current thread is running a saga's sync step or compensation."""
     return bool(getattr(_local, "active", False))
+
+
+@contextlib.contextmanager
+def step_thread() -> Iterator[None]:
+    """Mark the current thread as running user step code (for the deadlock checks)."""
+    _local.active = True
+    try:
+        yield
+    finally:
+        _local.active = False
 
 
 class StepTimeout(TimeoutError):
@@ -78,13 +89,11 @@ async def call_user(
     watch = ThreadWatch()
 
     def target() -> None:
-        _local.active = True
-        try:
-            watch.result = fn(arg)
-        except BaseException as exc:  # handed back to the waiting task
-            watch.error = exc
-        finally:
-            _local.active = False
+        with step_thread():
+            try:
+                watch.result = fn(arg)
+            except BaseException as exc:  # handed back to the waiting task
+                watch.error = exc
 
     async def run_thread() -> None:
         # Not abandoned on cancellation: this task lives until the thread returns.

@@ -18,7 +18,7 @@ from saga_core._run import Limits, RunOutcome, SagaRun
 from saga_core.definition import DeclarativeSaga, SagaDefinition, registered_saga
 from saga_core.errors import SagaDefinitionError, SagaError, SagaFailed
 from saga_core.ports import Broker, OutboxStore, SagaStore
-from saga_core.records import NewSaga, SagaState
+from saga_core.records import Fence, NewSaga, SagaState
 from saga_core.states import SagaStatus, StepStatus
 
 log = logging.getLogger("saga")
@@ -46,6 +46,14 @@ def _definition_of(
 
 
 def _result_of(state: SagaState, definition: SagaDefinition | None = None) -> SagaResult:
+    if definition is None:
+        # Merge in the same topological order execute() uses, when this process has the code.
+        try:
+            known = registered_saga(state.saga_type).definition()
+        except LookupError:
+            known = None
+        if known is not None and known.version == state.definition_hash:
+            definition = known
     data = dict(state.input)
     order = definition.order if definition is not None else tuple(state.steps)
     results = {}
@@ -236,23 +244,28 @@ class SagaOrchestrator:
         state = await self.storage.load_saga(saga_id)
         if state.status in (SagaStatus.COMPLETED, SagaStatus.COMPENSATED):
             raise SagaError(f"saga {saga_id!r} is already {state.status.value}; nothing to cancel")
+        if state.status == SagaStatus.FAILED:
+            raise SagaError(
+                f"saga {saga_id!r} is FAILED ({state.reason}); use retry or resolve, not cancel"
+            )
+        # Everything that can refuse is checked before the saga is leased, so a refusal
+        # never leaves a lease behind.
+        cls = registered_saga(state.saga_type)
+        definition = cls.definition()
+        if definition.version != state.definition_hash:
+            raise SagaError(
+                f"saga {saga_id!r} was stored by definition {state.definition_hash} of "
+                f"{state.saga_type!r}; this code has {definition.version}, so it must not act on it"
+            )
+        self._check_cancellable(definition, state.steps)
         fence = await self.storage.claim_saga(saga_id, self.owner, self.lease_seconds)
         if fence is None:
             raise SagaError(
                 f"saga {saga_id!r} is running in another worker ({state.lease_owner}); "
                 "cancel it there"
             )
-        cls = registered_saga(state.saga_type)
-        definition = cls.definition()
-        self._check_cancellable(definition, state.steps)
-        run = SagaRun(
-            store=self.storage,
-            definition=definition,
-            saga=cls(),
-            state=state,
-            fence=fence,
-            limits=self._limits,
-        )
+        state = await self.storage.load_saga(saga_id)  # as of our claim
+        run = self._new_run(cls(), definition, state, fence)
         run.cancel()
         await self._run(run)
         return await self.storage.load_saga(saga_id)
@@ -286,16 +299,22 @@ class SagaOrchestrator:
             )
         if fence is None:
             return sid, None
-        run = SagaRun(
+        run = self._new_run(saga, definition, state, fence)
+        self._runs[sid] = run
+        return sid, run
+
+    def _new_run(
+        self, saga: DeclarativeSaga, definition: SagaDefinition, state: SagaState, fence: Fence
+    ) -> SagaRun:
+        return SagaRun(
             store=self.storage,
             definition=definition,
             saga=saga,
             state=state,
             fence=fence,
             limits=self._limits,
+            lease_seconds=self.lease_seconds,
         )
-        self._runs[sid] = run
-        return sid, run
 
     async def _run(self, run: SagaRun) -> RunOutcome:
         self._runs[run.saga_id] = run

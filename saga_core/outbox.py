@@ -16,7 +16,7 @@ from collections.abc import Sequence
 
 import anyio
 
-from saga_core.errors import BrokerUnavailable, ErrorRecord
+from saga_core.errors import BrokerUnavailable, ErrorRecord, StorageError
 from saga_core.events import Message
 from saga_core.ports import Broker, OutboxStore
 from saga_core.records import ClaimedKey
@@ -140,9 +140,11 @@ class OutboxWorker:
             try:
                 claimed, _ = await self._round()
                 outage = 0.0
-            except BrokerUnavailable as exc:
+            except (BrokerUnavailable, StorageError) as exc:
+                # Neither an outage of the broker nor of the database may stop the relay (or
+                # whatever runs beside it); back off and try again.
                 outage = min(max(outage * 2, 0.5), 30.0)
-                log.warning("broker unavailable (%s); relay paused %.1fs", exc, outage)
+                log.warning("relay paused %.1fs: %s", outage, exc)
                 await anyio.sleep(outage)
                 continue
             if claimed == 0:

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import os
+import re
 
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
@@ -37,7 +38,10 @@ def create_storage(
     try:
         parsed = make_url(url)
     except (ArgumentError, ValueError) as exc:
-        raise ValueError(f"invalid database URL {url!r}: expected e.g. sqlite:///saga.db") from exc
+        shown = re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", url)  # never echo a password
+        raise ValueError(
+            f"invalid database URL {shown!r}: expected e.g. sqlite:///saga.db"
+        ) from exc
     backend = parsed.get_backend_name()
     storage: SqlStorage
     if backend == "sqlite":

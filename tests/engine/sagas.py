@@ -126,7 +126,7 @@ class DiamondSaga(DeclarativeSaga):
     @step(depends_on=["top"])
     async def slow(self, ctx: StepContext) -> dict[str, Any]:
         record(ctx, "start")
-        await anyio.sleep(0.3)
+        await anyio.sleep(ctx.get("slow_seconds", 0.3))
         record(ctx, "do")
         return {"slow": True}
 

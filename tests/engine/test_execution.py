@@ -138,9 +138,9 @@ async def test_diamond_waits_for_running_sibling_before_compensating(storage: Sq
 async def test_fail_fast_cancels_running_sibling(storage: SqlStorage) -> None:
     orch = SagaOrchestrator(storage)
     sid = _uid("ff")
-    with anyio.fail_after(5):
+    with anyio.fail_after(8):  # slow would take 30 s: it must have been cancelled
         with pytest.raises(SagaFailed):
-            await orch.execute(FailFastDiamond(), saga_id=sid)
+            await orch.execute(FailFastDiamond(), context={"slow_seconds": 30}, saga_id=sid)
     assert "slow" not in done(sid)  # cancelled before it finished
     state = await orch.get(sid)
     assert state.steps["slow"].outcome == "unknown"  # cancelled mid-flight: unknown
