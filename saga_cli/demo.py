@@ -6,6 +6,7 @@ import argparse
 import logging
 import os
 import tempfile
+import uuid
 
 import anyio
 
@@ -32,6 +33,7 @@ class _TraceHandler(logging.Handler):
 
 
 async def _demo(url: str) -> int:
+    run = uuid.uuid4().hex[:6]  # fresh ids, so the demo can run again on the same database
     storage = create_storage(url)
     broker = InMemoryBroker()
     orchestrator = SagaOrchestrator(storage, broker)
@@ -40,7 +42,7 @@ async def _demo(url: str) -> int:
     ok = await orchestrator.execute(
         saga,
         context={"order_data": {"items": ["WIDGET-001"], "amount": 99.99}},
-        saga_id="demo-order-1",
+        saga_id=f"order-1-{run}",
     )
     shown = {k: v for k, v in ok.items() if k != "order_data"}
     print(f"  -> result {shown}\n")
@@ -51,12 +53,12 @@ async def _demo(url: str) -> int:
         await orchestrator.execute(
             saga,
             context={"order_data": {"items": ["GADGET-404"], "amount": 25.0}},
-            saga_id="demo-order-2",
+            saga_id=f"order-2-{run}",
         )
     except SagaFailed as exc:
         status = exc.status.value
         print(f"  -> SagaFailed: step {exc.step!r} failed ({exc.error}); saga is {status}")
-    state = await orchestrator.get("demo-order-2")
+    state = await orchestrator.get(f"order-2-{run}")
     comp_order = sorted(
         (s for s in state.steps.values() if s.status.value == "COMPENSATED"),
         key=lambda s: s.finished_at or 0.0,
@@ -73,7 +75,7 @@ async def _demo(url: str) -> int:
     print("  saga graph examples.order_saga:OrderPlacementSaga)")
     print(render_mermaid(OrderPlacementSaga.definition()))
     await storage.aclose()
-    ok_all = status == "COMPENSATED" and relayed == len(broker.messages()) > 0
+    ok_all = status == "COMPENSATED" and relayed == len(broker.messages()) == 7
     return 0 if ok_all else 1
 
 

@@ -89,7 +89,8 @@ def _show(state: SagaState) -> str:
             f"waits     until {datetime.fromtimestamp(state.wake_at, timezone.utc).isoformat()}"
         )
     if state.error:
-        lines.append(f"failed at {state.failed_step}: {state.error}")
+        where = f"failed at {state.failed_step}" if state.failed_step else "stopped"
+        lines.append(f"{where}: {state.error}")
     if state.note:
         lines.append(f"note      {state.note}")
     lines.append(f"input     {json.dumps(state.input, sort_keys=True)}")

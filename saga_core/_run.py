@@ -180,7 +180,10 @@ class SagaRun(ForwardPhase, CompensationPhase):
         )
         self.reason = reason
         self._trace(
-            "saga_finished", "saga {saga} " + status.value + (f" ({reason})" if reason else "")
+            "saga_finished",
+            "saga {saga} {status}" + (" ({reason})" if reason else ""),
+            status=status.value,
+            reason=reason,
         )
         self.outcome = RunOutcome(self._snapshot(), f.cause if f else None, dict(self.comp_errors))
 

@@ -174,7 +174,7 @@ def step(
     """
     if kind not in _KINDS:
         raise SagaDefinitionError(f"step {name!r}: kind must be one of {_KINDS}, got {kind!r}")
-    _check_timeout(timeout, f"step {name!r}")
+    _check_timeout(timeout, f"step {name!r}" if name else "@step")
     clean = tuple(clean_failures)
     if not all(isinstance(c, type) and issubclass(c, BaseException) for c in clean):
         raise SagaDefinitionError(f"step {name!r}: clean_failures must be exception types")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -26,8 +27,8 @@ def test_demo_runs_with_no_configuration(tmp_path: Path) -> None:
     out = saga("demo", cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     text = out.stdout
-    assert "saga demo-order-1 COMPLETED" in text
-    assert "saga demo-order-2 COMPENSATED" in text
+    assert re.search(r"saga order-1-\w+ COMPLETED", text)
+    assert re.search(r"saga order-2-\w+ COMPENSATED", text)
     assert "step reserve_inventory failed" in text
     # the declared order: cancel the order first, then refund
     assert "compensated in order: create_order -> charge_payment" in text
@@ -42,13 +43,17 @@ def test_demo_runs_with_no_configuration(tmp_path: Path) -> None:
 def test_demo_then_ls_and_show(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'demo.db'}"
     assert saga("demo", "--database", url).returncode == 0
+    assert saga("demo", "--database", url).returncode == 0  # runs again on the same database
     ls = saga("ls", "--database", url)
     assert ls.returncode == 0, ls.stderr
-    assert "demo-order-1" in ls.stdout and "COMPLETED" in ls.stdout
-    assert "demo-order-2" in ls.stdout and "COMPENSATED" in ls.stdout
+    ids = re.findall(r"^(order-[12]-\w+)\s+order-placement\s+(\w+)", ls.stdout, re.M)
+    assert len(ids) == 4
+    assert {status for sid, status in ids if sid.startswith("order-1")} == {"COMPLETED"}
+    assert {status for sid, status in ids if sid.startswith("order-2")} == {"COMPENSATED"}
     only = saga("ls", "--database", url, "--status", "compensated")
-    assert "demo-order-2" in only.stdout and "demo-order-1" not in only.stdout
-    show = saga("show", "demo-order-2", "--database", url)
+    assert "order-2-" in only.stdout and "order-1-" not in only.stdout
+    failed_id = next(sid for sid, _ in ids if sid.startswith("order-2"))
+    show = saga("show", failed_id, "--database", url)
     assert show.returncode == 0, show.stderr
     assert "reserve_inventory" in show.stdout and "REJECTED" in show.stdout
     assert "out of stock" in show.stdout
