@@ -1,0 +1,133 @@
+"""Plumbing shared by the repositories: engine, tables, named statements, thread limiters,
+dialect hooks, migrations and error mapping. Dialect subclasses fill in the hooks."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from collections.abc import Callable, Iterator
+from typing import Any, ClassVar, TypeVar
+
+import anyio
+from anyio.lowlevel import RunVar
+from sqlalchemy import Connection, Engine, Select
+from sqlalchemy import exc as sa_exc
+from sqlalchemy.sql.dml import Insert
+from sqlalchemy.sql.elements import ColumnElement
+
+from saga_core.errors import StorageError
+from saga_storage.migrations import MIGRATIONS, apply_pending
+from saga_storage.schema import Tables, build_tables
+from saga_storage.statements import Statements
+
+T = TypeVar("T")
+
+
+class StorageBase:
+    """Engine, tables and statements of one storage; the dialect hooks."""
+
+    dialect: ClassVar[str] = ""
+
+    def __init__(
+        self,
+        engine: Engine,
+        *,
+        prefix: str = "saga_",
+        schema: str | None = None,
+        max_threads: int = 8,
+    ) -> None:
+        if not prefix.replace("_", "").isalnum():
+            raise ValueError(f"table prefix must be letters, digits and '_', got {prefix!r}")
+        self.engine = engine
+        self.tables: Tables = build_tables(prefix, schema)
+        self.sql = Statements(
+            self.tables, now=self._now(), upsert_insert=self._insert, lock_claim=self._lock_claim
+        )
+        self._max_threads = max_threads
+        # One limiter per event loop: the same storage may serve several loops in turn (a sync
+        # facade's loop thread, then an anyio.run of a script), and limiters are loop-bound.
+        self._limiter: RunVar[anyio.CapacityLimiter] = RunVar(f"saga_storage_{id(self)}")
+        # Lease renewals never wait behind a busy limiter either.
+        self._lease_limiter: RunVar[anyio.CapacityLimiter] = RunVar(f"saga_leases_{id(self)}")
+
+    # --- dialect hooks ---------------------------------------------------------------------
+    def _now(self) -> ColumnElement[float]:
+        """The database clock as UTC epoch seconds."""
+        raise NotImplementedError
+
+    def _insert(self, table: Any) -> Insert:
+        """The dialect's INSERT supporting ON CONFLICT."""
+        raise NotImplementedError
+
+    def _lock_claim(self, stmt: Select[Any]) -> Select[Any]:
+        """Lock claimable rows so concurrent relays skip each other's."""
+        return stmt
+
+    @contextlib.contextmanager
+    def _write(self) -> Iterator[Connection]:
+        """A write transaction."""
+        with self.engine.begin() as conn:
+            yield conn
+
+    @contextlib.contextmanager
+    def _read(self) -> Iterator[Connection]:
+        """A read-only transaction."""
+        with self.engine.connect() as conn:
+            yield conn
+
+    @contextlib.contextmanager
+    def _migration_lock(self, conn: Connection) -> Iterator[None]:
+        """Serialise migrations across processes (the caller's transaction holds the lock)."""
+        yield
+
+    # --- plumbing --------------------------------------------------------------------------
+    def _set_statement_timeout(self, conn: Connection, seconds: float) -> None:
+        """Bound the statements of a transactional step (where the database can)."""
+
+    def _map_error(self, exc: sa_exc.DBAPIError) -> Exception:
+        """Turn a driver failure into our own error type (no URL or secret in the message)."""
+        return StorageError(f"{self.dialect} storage failed: {type(exc.orig).__name__}: {exc.orig}")
+
+    async def _run(self, fn: Callable[..., T], *args: Any, lease: bool = False) -> T:
+        var = self._lease_limiter if lease else self._limiter
+        try:
+            limiter = var.get()
+        except LookupError:
+            limiter = anyio.CapacityLimiter(1 if lease else self._max_threads)
+            var.set(limiter)
+        return await anyio.to_thread.run_sync(
+            functools.partial(self._guarded, fn, *args), limiter=limiter
+        )
+
+    def _guarded(self, fn: Callable[..., T], *args: Any) -> T:
+        try:
+            return fn(*args)
+        except sa_exc.IntegrityError:
+            raise
+        except sa_exc.DBAPIError as exc:
+            raise self._map_error(exc) from exc
+
+    # --- schema ----------------------------------------------------------------------------
+    def migrate(self) -> int:
+        """Create or upgrade the schema; returns the number of migrations applied.
+
+        Each migration runs in its own transaction; concurrent starters are serialised.
+        """
+        applied = 0
+        with self._write() as conn, self._migration_lock(conn):
+            self.tables.metadata.create_all(conn, tables=[self.tables.version])
+        for migration in MIGRATIONS:
+            with self._write() as conn, self._migration_lock(conn):
+                applied += apply_pending(conn, self.tables, migration)
+        return applied
+
+    def dispose(self) -> None:
+        """Close every pooled connection."""
+        self.engine.dispose()
+
+    async def aclose(self) -> None:
+        """Close every pooled connection (async form of :meth:`dispose`)."""
+        await self._run(self.dispose)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.engine.url.render_as_string(hide_password=True)!r})"
