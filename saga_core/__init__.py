@@ -33,6 +33,7 @@ from saga_core.errors import (
 )
 from saga_core.events import Message, OutboxEvent
 from saga_core.graph import SagaCompensationGraph
+from saga_core.inbox import Inbox, InboxStore
 from saga_core.mermaid import render_mermaid
 from saga_core.operator import resolve_saga, retry_saga
 from saga_core.orchestrator import SagaOrchestrator, SagaResult
@@ -53,6 +54,8 @@ __all__ = [
     "DeclarativeSaga",
     "ErrorRecord",
     "IllegalTransition",
+    "Inbox",
+    "InboxStore",
     "LeaseLost",
     "Message",
     "OutboxEvent",

@@ -156,3 +156,16 @@ class ClaimedKey:
     key: str
     token: str
     events: tuple[OutboxRecord, ...]
+
+
+@dataclass(frozen=True)
+class OutboxStats:
+    """What ``saga outbox stats`` shows."""
+
+    pending: int
+    sent: int
+    dead: int
+    claimed_keys: int
+    blocked_keys: int
+    #: Seconds since the oldest pending event was committed (None: nothing pending).
+    oldest_pending_age: float | None

@@ -5,17 +5,15 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Mapping
-from typing import TypeVar
+from collections.abc import Callable, Mapping
+from typing import Any, TypeVar
 
-from sqlalchemy import Connection, func, select
+from sqlalchemy import Connection
+from sqlalchemy.engine import Row
 
 from saga_core._json import dumps, loads
 from saga_core.events import OutboxEvent
-from saga_core.records import (
-    ClaimedKey,
-    OutboxRecord,
-)
+from saga_core.records import ClaimedKey, OutboxRecord, OutboxStats
 from saga_core.states import OutboxStatus
 from saga_storage.base import StorageBase
 
@@ -80,23 +78,8 @@ class OutboxRepository(StorageBase):
             ).all()
         by_key: dict[str, list[OutboxRecord]] = {k: [] for k in keys}
         for r in rows:
-            m = r._mapping
-            by_key[m["key"]].append(
-                OutboxRecord(
-                    id=m["id"],
-                    event_id=m["event_id"],
-                    topic=m["topic"],
-                    key=m["key"],
-                    seq=m["seq"],
-                    event_type=m["event_type"],
-                    payload=m["payload"],
-                    headers=loads(m["headers"]),
-                    status=OutboxStatus(m["status"]),
-                    attempts=m["attempts"],
-                    created_at=m["created_at"],
-                    last_error=m["last_error"],
-                )
-            )
+            record = _record(r)
+            by_key[record.key].append(record)
         return [ClaimedKey(k, token, tuple(evs)) for k, evs in by_key.items()]
 
     async def complete_outbox(
@@ -169,7 +152,130 @@ class OutboxRepository(StorageBase):
         return await self._run(self._outbox_counts)
 
     def _outbox_counts(self) -> Mapping[str, int]:
-        outbox = self.tables.outbox
-        stmt = select(outbox.c.status, func.count()).group_by(outbox.c.status)
         with self._read() as conn:
-            return {status: n for status, n in conn.execute(stmt).all()}
+            return {status: n for status, n in conn.execute(self.sql.count_by_status).all()}
+
+    async def outbox_stats(self) -> OutboxStats:
+        """Pending, in flight, dead, blocked keys and the age of the oldest pending event."""
+        return await self._run(self._outbox_stats)
+
+    def _outbox_stats(self) -> OutboxStats:
+        with self._read() as conn:
+            counts = {status: n for status, n in conn.execute(self.sql.count_by_status).all()}
+            oldest = conn.execute(self.sql.oldest_pending).scalar()
+            blocked = conn.execute(self.sql.count_blocked).scalar_one()
+            claimed = conn.execute(self.sql.count_claimed).scalar_one()
+        return OutboxStats(
+            pending=counts.get("PENDING", 0),
+            sent=counts.get("SENT", 0),
+            dead=counts.get("DEAD", 0),
+            claimed_keys=int(claimed),
+            blocked_keys=int(blocked),
+            oldest_pending_age=None if oldest is None else max(0.0, time.time() - oldest),
+        )
+
+    async def dead_events(self, limit: int = 100) -> list[OutboxRecord]:
+        """Events marked ``DEAD`` (oldest first), with their last error."""
+        return await self._run(self._dead_events, limit)
+
+    def _dead_events(self, limit: int) -> list[OutboxRecord]:
+        with self._read() as conn:
+            return [_record(r) for r in conn.execute(self.sql.list_dead, {"b_limit": limit})]
+
+    async def replay_key(self, key: str) -> OutboxRecord:
+        """Resume a blocked key at its dead event (fresh attempts). ``LookupError`` if the key
+        has no dead event."""
+        return await self._run(self._replay_key, key)
+
+    def _replay_key(self, key: str) -> OutboxRecord:
+        with self._write() as conn:
+            row = conn.execute(self.sql.dead_of_key, {"b_key": key}).first()
+            if row is None:
+                raise LookupError(f"outbox key {key!r} has no dead event")
+            conn.execute(self.sql.unblock_key, {"b_key": key})
+            conn.execute(self.sql.revive_event, {"b_id": row.id})
+        return _record(row)
+
+    async def skip_event(self, event_id: str, note: str) -> OutboxRecord:
+        """Mark a dead event as sent without publishing it and let its key flow on.
+
+        The only way past a dead event. ``LookupError`` if ``event_id`` is not dead.
+        """
+        return await self._run(self._skip_event, event_id, note)
+
+    def _skip_event(self, event_id: str, note: str) -> OutboxRecord:
+        with self._write() as conn:
+            row = conn.execute(self.sql.dead_by_event, {"b_event_id": event_id}).first()
+            if row is None:
+                raise LookupError(f"no dead outbox event with id {event_id!r}")
+            # Key row first (lock order): it must be waiting exactly at this event.
+            moved = conn.execute(self.sql.advance_key, {"b_key": row.key, "b_seq": row.seq})
+            if moved.rowcount != 1:
+                raise LookupError(f"event {event_id!r} is not the next one of key {row.key!r}")
+            conn.execute(
+                self.sql.skip_event,
+                {"b_id": row.id, "b_ts": time.time(), "b_note": f"skipped: {note}"},
+            )
+        return _record(row)
+
+    async def prune_outbox(self, older_than: float, *, batch: int = 1000) -> int:
+        """Delete events sent more than ``older_than`` seconds ago, ``batch`` rows per
+        transaction; returns how many. Key counters are kept, so order survives pruning."""
+        return await self._run(self._prune_outbox, older_than, batch)
+
+    def _prune_outbox(self, older_than: float, batch: int) -> int:
+        total = 0
+        before = time.time() - older_than
+        while True:
+            with self._write() as conn:
+                ids = list(
+                    conn.execute(
+                        self.sql.prunable, {"b_before": before, "b_limit": batch}
+                    ).scalars()
+                )
+                if ids:
+                    conn.execute(self.sql.delete_events, {"b_ids": ids})
+            total += len(ids)
+            if len(ids) < batch:
+                return total
+
+    # --- inbox -------------------------------------------------------------------------------
+    async def inbox_once(
+        self, consumer: str, message_id: str, handler: Callable[[Connection], T]
+    ) -> tuple[bool, T | None]:
+        """Run ``handler(conn)`` in a transaction that first records ``(consumer, message_id)``.
+
+        Returns ``(True, result)`` when it ran and committed, ``(False, None)`` for a duplicate
+        (already processed, or processed concurrently and committed first): then nothing runs.
+        """
+        return await self._run(self._inbox_once, consumer, message_id, handler)
+
+    def _inbox_once(
+        self, consumer: str, message_id: str, handler: Callable[[Connection], T]
+    ) -> tuple[bool, T | None]:
+        with self._write() as conn:
+            first = conn.execute(
+                self.sql.inbox_insert,
+                {"b_consumer": consumer, "b_message_id": message_id, "b_ts": time.time()},
+            ).first()
+            if first is None:
+                return False, None
+            return True, handler(conn)
+
+
+def _record(row: Row[Any]) -> OutboxRecord:
+    m = row._mapping
+    return OutboxRecord(
+        id=m["id"],
+        event_id=m["event_id"],
+        topic=m["topic"],
+        key=m["key"],
+        seq=m["seq"],
+        event_type=m["event_type"],
+        payload=m["payload"],
+        headers=loads(m["headers"]),
+        status=OutboxStatus(m["status"]),
+        attempts=m["attempts"],
+        created_at=m["created_at"],
+        last_error=m["last_error"],
+    )

@@ -10,7 +10,19 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from sqlalchemy import ColumnElement, Select, and_, bindparam, false, or_, select, tuple_, update
+from sqlalchemy import (
+    ColumnElement,
+    Select,
+    and_,
+    bindparam,
+    false,
+    func,
+    or_,
+    select,
+    true,
+    tuple_,
+    update,
+)
 
 from saga_storage.schema import Tables
 
@@ -267,3 +279,61 @@ class Statements:
             .returning(outbox.c.attempts)
         )
         self.kill_event = update(outbox).where(outbox.c.id == b("id")).values(status="DEAD")
+
+        # --- outbox: operations ----------------------------------------------------------------
+        self.count_by_status = select(outbox.c.status, func.count()).group_by(outbox.c.status)
+        self.oldest_pending = select(func.min(outbox.c.created_at)).where(
+            outbox.c.status == "PENDING"
+        )
+        self.count_blocked = select(func.count()).select_from(okey).where(okey.c.blocked == true())
+        self.count_claimed = (
+            select(func.count()).select_from(okey).where(okey.c.claimed_until > now)
+        )
+        self.list_dead = (
+            select(outbox).where(outbox.c.status == "DEAD").order_by(outbox.c.id).limit(b("limit"))
+        )
+        self.dead_of_key = select(outbox).where(outbox.c.key == b("key"), outbox.c.status == "DEAD")
+        self.dead_by_event = select(outbox).where(
+            outbox.c.event_id == b("event_id"), outbox.c.status == "DEAD"
+        )
+        # Replay: the dead event gets fresh attempts and the key flows again from it.
+        self.revive_event = (
+            update(outbox)
+            .where(outbox.c.id == b("id"), outbox.c.status == "DEAD")
+            .values(status="PENDING", attempts=0)
+        )
+        self.unblock_key = (
+            update(okey)
+            .where(okey.c.key == b("key"))
+            .values(blocked=False, next_attempt_at=None, claim_token=None, claimed_until=None)
+        )
+        # Skip: the only way past a dead event; it is marked sent without being published.
+        self.skip_event = (
+            update(outbox)
+            .where(outbox.c.id == b("id"), outbox.c.status == "DEAD")
+            .values(status="SENT", sent_at=b("ts"), last_error=b("note"))
+        )
+        self.advance_key = (
+            update(okey)
+            .where(okey.c.key == b("key"), okey.c.sent_seq == b("seq") - 1)
+            .values(sent_seq=b("seq"), blocked=False, next_attempt_at=None)
+        )
+        # Pruning in batches: a bounded delete never holds locks for long.
+        self.prunable = (
+            select(outbox.c.id)
+            .where(outbox.c.status == "SENT", outbox.c.sent_at < b("before"))
+            .limit(b("limit"))
+        )
+        self.delete_events = outbox.delete().where(
+            outbox.c.id.in_(bindparam("b_ids", expanding=True))
+        )
+
+        # --- inbox -----------------------------------------------------------------------------
+        # The first insert of (consumer, message id) wins; a concurrent duplicate waits for it
+        # on the primary key and then inserts nothing.
+        self.inbox_insert = (
+            upsert_insert(t.inbox)
+            .values(consumer=b("consumer"), message_id=b("message_id"), received_at=b("ts"))
+            .on_conflict_do_nothing(index_elements=[t.inbox.c.consumer, t.inbox.c.message_id])
+            .returning(t.inbox.c.message_id)
+        )
