@@ -227,6 +227,47 @@ def _cmd_resolve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_outbox(args: argparse.Namespace) -> int:
+    storage = _storage(args)
+    try:
+        return _outbox(storage, args)
+    except LookupError as exc:
+        print(f"saga outbox {args.action}: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        storage.dispose()
+
+
+def _outbox(storage: Any, args: argparse.Namespace) -> int:
+    if args.action == "stats":
+        st = anyio.run(storage.outbox_stats)
+        age = "-" if st.oldest_pending_age is None else f"{st.oldest_pending_age:.1f}s"
+        print(f"pending             {st.pending}")
+        print(f"in flight (keys)    {st.claimed_keys}")
+        print(f"dead                {st.dead}")
+        print(f"blocked keys        {st.blocked_keys}")
+        print(f"sent (not pruned)   {st.sent}")
+        print(f"oldest pending age  {age}")
+    elif args.action == "dead":
+        dead = anyio.run(storage.dead_events, args.limit)
+        print(f"{'EVENT ID':36}  {'KEY':24} {'SEQ':>5} {'TYPE':24} ATTEMPTS  LAST ERROR")
+        for d in dead:
+            print(
+                f"{d.event_id:36}  {d.key:24} {d.seq:>5} {d.event_type:24} {d.attempts:>8}  "
+                f"{d.last_error or ''}"
+            )
+    elif args.action == "replay":
+        rec = anyio.run(storage.replay_key, args.key)
+        print(f"key {rec.key!r} resumes at event {rec.event_id} (seq {rec.seq})")
+    elif args.action == "skip":
+        rec = anyio.run(storage.skip_event, args.event_id, args.note)
+        print(f"event {rec.event_id} (key {rec.key!r}, seq {rec.seq}) skipped; the key flows on")
+    elif args.action == "prune":
+        n = anyio.run(lambda: storage.prune_outbox(args.older_than, batch=args.batch))
+        print(f"pruned {n} sent events older than {args.older_than:g}s")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``saga`` command."""
     p = argparse.ArgumentParser(prog="saga", description="Sagas on a transactional outbox.")
@@ -308,6 +349,29 @@ def build_parser() -> argparse.ArgumentParser:
     rs.add_argument("--as", dest="as_status", choices=["completed", "compensated"], required=True)
     rs.add_argument("--note", required=True, help="what was done by hand")
     rs.set_defaults(func=_cmd_resolve)
+
+    o = sub.add_parser("outbox", help="inspect and repair the outbox")
+    osub = o.add_subparsers(dest="action", required=True)
+    o_stats = osub.add_parser("stats", help="pending, in flight, dead, blocked keys, oldest age")
+    o_dead = osub.add_parser("dead", help="list dead events with their last error")
+    o_dead.add_argument("--limit", type=int, default=100)
+    o_replay = osub.add_parser("replay", help="resume a blocked key at its dead event")
+    o_replay.add_argument("key")
+    o_skip = osub.add_parser("skip", help="mark a dead event sent without publishing it")
+    o_skip.add_argument("event_id")
+    o_skip.add_argument("--note", required=True, help="why it is skipped (stored with it)")
+    o_prune = osub.add_parser("prune", help="delete sent events past their retention")
+    o_prune.add_argument(
+        "--older-than",
+        type=float,
+        default=7 * 86400,
+        metavar="SECONDS",
+        help="retention of sent events (default: 7 days)",
+    )
+    o_prune.add_argument("--batch", type=int, default=1000, help="rows per transaction")
+    for sp in (o_stats, o_dead, o_replay, o_skip, o_prune):
+        with_db(sp)
+    o.set_defaults(func=_cmd_outbox)
     return p
 
 

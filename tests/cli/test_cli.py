@@ -85,3 +85,49 @@ def test_graph_bad_target() -> None:
     out = saga("graph", "examples.order_saga:Nope")
     assert out.returncode != 0
     assert "not a DeclarativeSaga subclass" in out.stderr
+
+
+def test_outbox_commands(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'o.db'}"
+    # Make a dead event through the library, as a relay would after repeated refusals.
+    code = f"""
+import anyio
+from collections.abc import Sequence
+from saga_brokers import InMemoryBroker
+from saga_core import Message, OutboxEvent, OutboxWorker, PublishFailed
+from saga_storage import create_storage
+
+class Refusing(InMemoryBroker):
+    async def publish(self, messages: Sequence[Message]):
+        return [PublishFailed("too big") for _ in messages]
+
+s = create_storage({url!r})
+with s.engine.begin() as conn:
+    s.append_outbox(OutboxEvent(aggregate_id="k1", event_type="big", payload={{}}), conn=conn)
+    s.append_outbox(OutboxEvent(aggregate_id="k1", event_type="next", payload={{}}), conn=conn)
+anyio.run(OutboxWorker(s, Refusing(), max_attempts=1).drain)
+print(anyio.run(s.dead_events)[0].event_id)
+"""
+    made = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=60
+    )
+    assert made.returncode == 0, made.stderr
+    event_id = made.stdout.strip()
+    stats = saga("outbox", "stats", "--database", url)
+    assert stats.returncode == 0, stats.stderr
+    assert re.search(r"dead\s+1", stats.stdout)
+    assert re.search(r"blocked keys\s+1", stats.stdout)
+    assert re.search(r"pending\s+1", stats.stdout)
+    dead = saga("outbox", "dead", "--database", url)
+    assert event_id in dead.stdout and "too big" in dead.stdout
+    skip = saga("outbox", "skip", event_id, "--note", "oversized", "--database", url)
+    assert skip.returncode == 0, skip.stderr
+    after = saga("outbox", "stats", "--database", url)
+    assert re.search(r"dead\s+0", after.stdout)
+    assert re.search(r"blocked keys\s+0", after.stdout)
+    again = saga("outbox", "replay", "k1", "--database", url)
+    assert again.returncode == 1
+    assert "no dead event" in again.stderr
+    prune = saga("outbox", "prune", "--older-than", "0", "--database", url)
+    assert prune.returncode == 0
+    assert "pruned 1 sent events" in prune.stdout  # the skipped one counts as sent
