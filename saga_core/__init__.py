@@ -37,7 +37,7 @@ from saga_core.inbox import Inbox, InboxStore
 from saga_core.mermaid import render_mermaid
 from saga_core.operator import resolve_saga, retry_saga
 from saga_core.orchestrator import SagaOrchestrator, SagaResult
-from saga_core.outbox import OutboxWorker
+from saga_core.outbox import OptimisticPublisher, OutboxWorker
 from saga_core.ports import Broker, OutboxStore, SagaStore
 from saga_core.records import SagaState, StepState
 from saga_core.retry import RetryPolicy
@@ -58,6 +58,7 @@ __all__ = [
     "InboxStore",
     "LeaseLost",
     "Message",
+    "OptimisticPublisher",
     "OutboxEvent",
     "OutboxStatus",
     "OutboxStore",

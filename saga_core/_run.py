@@ -49,6 +49,7 @@ class SagaRun(ForwardPhase, CompensationPhase):
                 try:
                     with anyio.CancelScope() as self._work_scope:
                         async with anyio.create_task_group() as background:
+                            self._background = background
                             await self._drive(background)
                 except BaseException as exc:
                     if not ((self.lost or self.suspended) and _only(exc, LeaseLost)):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 import time
 from collections.abc import Mapping
@@ -11,11 +12,13 @@ from datetime import datetime, timezone
 from typing import Any
 
 import anyio
+from anyio.abc import TaskGroup
 from anyio.lowlevel import RunVar
 
 from saga_core._invoke import ThreadWatch
 from saga_core.definition import DeclarativeSaga, SagaDefinition
 from saga_core.errors import ErrorRecord, LeaseLost, StorageError
+from saga_core.outbox import OptimisticPublisher
 from saga_core.ports import SagaStore
 from saga_core.records import Fence, SagaState, SagaWrite, StepState
 from saga_core.states import SagaStatus, StepStatus, saga_transition, step_transition
@@ -84,6 +87,7 @@ class RunBase:
         lease_seconds: float = 60.0,
         max_crashes: int = 5,
         suspend_after: float | None = None,
+        publisher: OptimisticPublisher | None = None,
     ) -> None:
         self.store = store
         self.definition = definition
@@ -107,6 +111,9 @@ class RunBase:
         # Retry waits at least this long release the lease and end the run (worker mode); a
         # worker resumes the saga at its wake time. None: always wait in-process.
         self.suspend_after = suspend_after
+        # Publishes a step's event right after its commit (optimistic path), in the background.
+        self.publisher = publisher
+        self._background: TaskGroup | None = None
         #: The lease was lost (another worker owns the saga now): this run wrote nothing more.
         self.lost = False
         #: The run released the lease to wait for a retry (resumed later by a worker).
@@ -173,7 +180,13 @@ class RunBase:
         deadline = time.monotonic() + 30.0
         while True:
             try:
-                await self.store.write(self.fence, write)
+                claims = await self.store.write(
+                    self.fence, write, claim_events=self.publisher is not None
+                )
+                if claims and self.publisher is not None and self._background is not None:
+                    self._background.start_soon(
+                        functools.partial(self.publisher.publish, claims, committed=True)
+                    )
                 break
             except LeaseLost:
                 self._lose()

@@ -17,6 +17,7 @@ from saga_core._json import check_json_object
 from saga_core._run import Limits, RunOutcome, SagaRun
 from saga_core.definition import DeclarativeSaga, SagaDefinition, registered_saga
 from saga_core.errors import SagaDefinitionError, SagaError, SagaFailed
+from saga_core.outbox import OptimisticPublisher
 from saga_core.ports import Broker, OutboxStore, SagaStore
 from saga_core.records import Fence, NewSaga, SagaState
 from saga_core.states import SagaStatus, StepStatus
@@ -99,6 +100,8 @@ class SagaOrchestrator:
         owner: the lease owner name of this process (default: host, pid and a random part).
         lease_seconds: how long a lease lasts without renewal.
         step_threads: how many sync steps and compensations run at once in worker threads.
+        optimistic: with a broker, publish each step's event right after its commit when that
+            cannot reorder its key (``OptimisticPublisher``); the relay sends the rest.
     """
 
     def __init__(
@@ -109,6 +112,7 @@ class SagaOrchestrator:
         owner: str | None = None,
         lease_seconds: float = 60.0,
         step_threads: int = 32,
+        optimistic: bool = True,
     ) -> None:
         if not isinstance(storage, SagaStore):
             raise TypeError(f"storage must implement SagaStore, got {type(storage).__name__}")
@@ -117,6 +121,11 @@ class SagaOrchestrator:
         self.owner = owner or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.lease_seconds = lease_seconds
         self._limits = Limits(step_threads)
+        self._publisher = (
+            OptimisticPublisher(storage, broker)
+            if optimistic and broker is not None and isinstance(storage, OutboxStore)
+            else None
+        )
         self._runs: dict[str, SagaRun] = {}
         self._tg: TaskGroup | None = None
         self._tg_cm: Any = None
@@ -314,6 +323,7 @@ class SagaOrchestrator:
             fence=fence,
             limits=self._limits,
             lease_seconds=self.lease_seconds,
+            publisher=self._publisher,
         )
 
     async def _run(self, run: SagaRun) -> RunOutcome:

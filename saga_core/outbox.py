@@ -13,11 +13,12 @@ import random
 import socket
 import uuid
 from collections.abc import Sequence
+from typing import Any
 
 import anyio
 
 from saga_core.errors import BrokerUnavailable, ErrorRecord, StorageError
-from saga_core.events import Message
+from saga_core.events import Message, OutboxEvent
 from saga_core.ports import Broker, OutboxStore
 from saga_core.records import ClaimedKey
 
@@ -92,31 +93,13 @@ class OutboxWorker:
         )
         if not claims:
             return 0, 0
-        messages: list[Message] = []
-        spans: list[tuple[ClaimedKey, int, int]] = []
-        for claim in claims:
-            start = len(messages)
-            for e in claim.events:
-                messages.append(to_message(e.topic, e.key, e.payload, dict(e.headers)))
-            spans.append((claim, start, len(messages)))
-        try:
-            results = await self.broker.publish(messages)
-        except BrokerUnavailable:
-            with anyio.CancelScope(shield=True):
-                for claim in claims:
-                    await self.storage.release_outbox(claim, retry_in=0.0)
-            raise
-        sent_total = 0
-        for claim, start, end in spans:
-            sent, error = _acked_prefix(results[start:end])
-            sent_total += sent
-            await self.storage.complete_outbox(
-                claim,
-                sent,
-                error,
-                retry_in=self.retry_backoff,
-                dead_after=self.max_attempts,
-            )
+        sent_total = await publish_claims(
+            self.storage,
+            self.broker,
+            claims,
+            retry_backoff=self.retry_backoff,
+            dead_after=self.max_attempts,
+        )
         self.published += sent_total
         return len(claims), sent_total
 
@@ -149,6 +132,107 @@ class OutboxWorker:
                 continue
             if claimed == 0:
                 await anyio.sleep(self.poll_interval * random.uniform(0.5, 1.5))
+
+
+async def publish_claims(
+    storage: OutboxStore,
+    broker: Broker,
+    claims: Sequence[ClaimedKey],
+    *,
+    retry_backoff: float,
+    dead_after: int,
+) -> int:
+    """Publish the events of claimed keys in one batch and record the outcome per key.
+
+    Each key advances past its acknowledged prefix only; the first refused event counts an
+    attempt (and goes ``DEAD`` after ``dead_after``). ``BrokerUnavailable`` gives every key back
+    untouched and is raised again. Returns how many events were acknowledged.
+    """
+    messages: list[Message] = []
+    spans: list[tuple[ClaimedKey, int, int]] = []
+    for claim in claims:
+        start = len(messages)
+        for e in claim.events:
+            messages.append(to_message(e.topic, e.key, e.payload, dict(e.headers)))
+        spans.append((claim, start, len(messages)))
+    try:
+        results = await broker.publish(messages)
+    except BrokerUnavailable:
+        with anyio.CancelScope(shield=True):
+            for claim in claims:
+                await storage.release_outbox(claim, retry_in=0.0)
+        raise
+    sent_total = 0
+    for claim, start, end in spans:
+        sent, error = _acked_prefix(results[start:end])
+        sent_total += sent
+        await storage.complete_outbox(
+            claim, sent, error, retry_in=retry_backoff, dead_after=dead_after
+        )
+    return sent_total
+
+
+class OptimisticPublisher:
+    """Publishes an event right after its transaction commits, when that cannot reorder its key.
+
+    In the writer's transaction the event's key is claimed if nobody holds it and the event is
+    the key's next one; after commit this publisher sends it and advances the key. Otherwise
+    (or if anything goes wrong) the relay sends it: either way one key has one publisher at a
+    time, so the shortcut never reorders a key. ``SagaOrchestrator`` and ``SagaWorker`` use it
+    for step events when given a broker; application code uses it like this::
+
+        with storage.engine.begin() as conn:
+            conn.execute(...)
+            claim = publisher.append_outbox(event, conn=conn)
+        await publisher.publish([claim])   # after commit
+    """
+
+    def __init__(
+        self,
+        storage: OutboxStore,
+        broker: Broker,
+        *,
+        retry_backoff: float = 1.0,
+        max_attempts: int = 10,
+    ) -> None:
+        self.storage = storage
+        self.broker = broker
+        self.retry_backoff = retry_backoff
+        self.max_attempts = max_attempts
+        #: Events acknowledged through the optimistic path.
+        self.published = 0
+
+    def append_outbox(self, event: OutboxEvent, *, conn: Any) -> ClaimedKey | None:
+        """``storage.append_outbox`` that also claims the key when the event may go at once."""
+        return self.storage.append_outbox(event, conn=conn, claim=True)
+
+    async def publish(self, claims: Sequence[ClaimedKey | None], *, committed: bool = False) -> int:
+        """Publish claimed events after their commit; returns how many were acknowledged.
+
+        Unless ``committed`` says the caller knows the transaction committed, the claims are
+        checked first: a rolled-back transaction left no claim, and publishes nothing. Errors
+        are logged, not raised: the relay sends whatever this did not.
+        """
+        live = [c for c in claims if c is not None]
+        if not live:
+            return 0
+        try:
+            if not committed:
+                live = await self.storage.committed_claims(live)
+                if not live:
+                    return 0
+            sent = await publish_claims(
+                self.storage,
+                self.broker,
+                live,
+                retry_backoff=self.retry_backoff,
+                dead_after=self.max_attempts,
+            )
+        except Exception as exc:
+            log.warning("optimistic publish failed (%s); the relay will send it", exc)
+            return 0
+        self.published += sent
+        return sent
 
 
 def _acked_prefix(results: Sequence[BaseException | None]) -> tuple[int, str | None]:

@@ -33,8 +33,14 @@ class SagaStore(Protocol):
         """The saga and its steps; ``SagaNotFound`` if there is none."""
         ...
 
-    async def write(self, fence: Fence, change: SagaWrite) -> None:
-        """Apply ``change`` atomically after the fenced update; ``LeaseLost`` writes nothing."""
+    async def write(
+        self, fence: Fence, change: SagaWrite, *, claim_events: bool = False
+    ) -> Sequence[ClaimedKey]:
+        """Apply ``change`` atomically after the fenced update; ``LeaseLost`` writes nothing.
+
+        With ``claim_events``, an event that is next on an unclaimed key also claims it, and
+        the claims are returned for publishing right after commit (optimistic path).
+        """
         ...
 
     async def write_transactional(
@@ -97,8 +103,15 @@ class SagaStore(Protocol):
 class OutboxStore(Protocol):
     """Durable outbox rows, claimed by key so one key has one publisher at a time."""
 
-    def append_outbox(self, event: OutboxEvent, *, conn: Any) -> None:
-        """Add ``event`` inside the caller's own transaction (``conn``: a SQLAlchemy Connection)."""
+    def append_outbox(
+        self, event: OutboxEvent, *, conn: Any, claim: bool = False
+    ) -> ClaimedKey | None:
+        """Add ``event`` inside the caller's own transaction (``conn``: a SQLAlchemy Connection);
+        with ``claim``, claim its key for publishing after commit when that keeps key order."""
+        ...
+
+    async def committed_claims(self, claims: Sequence[ClaimedKey]) -> list[ClaimedKey]:
+        """The claims whose transaction committed."""
         ...
 
     async def claim_outbox(

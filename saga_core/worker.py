@@ -23,7 +23,7 @@ from anyio.abc import TaskGroup
 from saga_core._run import Limits, SagaRun
 from saga_core.definition import DeclarativeSaga, registered_sagas
 from saga_core.errors import StorageError
-from saga_core.outbox import OutboxWorker
+from saga_core.outbox import OptimisticPublisher, OutboxWorker
 from saga_core.ports import Broker, OutboxStore, SagaStore
 from saga_core.records import Fence
 
@@ -45,6 +45,7 @@ class SagaWorker:
         suspend_after: a retry backoff this long or longer releases the lease; the saga is
             resumed by whichever worker is free when it is due.
         shutdown_grace: on stop, seconds to let running sagas finish before cancelling them.
+        optimistic: publish step events right after their commit (see ``OptimisticPublisher``).
     """
 
     def __init__(
@@ -62,6 +63,7 @@ class SagaWorker:
         relay: bool = True,
         owner: str | None = None,
         step_threads: int = 32,
+        optimistic: bool = True,
     ) -> None:
         if concurrency < 1:
             raise ValueError(f"concurrency must be >= 1, got {concurrency}")
@@ -81,6 +83,11 @@ class SagaWorker:
         self.relay = relay
         self.owner = owner or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self._limits = Limits(step_threads)
+        self._publisher = (
+            OptimisticPublisher(storage, broker)
+            if optimistic and broker is not None and isinstance(storage, OutboxStore)
+            else None
+        )
         self.running: dict[str, SagaRun] = {}
         #: Sagas this worker has run to an end (settled, parked, suspended or lost).
         self.finished = 0
@@ -173,6 +180,7 @@ class SagaWorker:
                 lease_seconds=self.lease_seconds,
                 max_crashes=self.max_crashes,
                 suspend_after=self.suspend_after,
+                publisher=self._publisher,
             )
             self.running[fence.saga_id] = run
             await run.run()

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
 from sqlalchemy import Connection
@@ -24,10 +24,17 @@ class OutboxRepository(StorageBase):
     """Outbox and inbox rows."""
 
     # --- outbox ----------------------------------------------------------------------------
-    def append_outbox(self, event: OutboxEvent, *, conn: Connection) -> None:
+    #: How long an optimistic claim lasts; the relay takes the key over after that.
+    optimistic_claim_seconds = 10.0
+
+    def append_outbox(
+        self, event: OutboxEvent, *, conn: Connection, claim: bool = False
+    ) -> ClaimedKey | None:
         """Add ``event`` to the outbox inside the caller's transaction on ``conn``.
 
-        It is published only if that transaction commits, in commit order for its key.
+        It is published only if that transaction commits, in commit order for its key. With
+        ``claim=True`` (used by ``OptimisticPublisher``), the key is also claimed when nobody
+        holds it and this event is its next one; the claim is returned, to publish after commit.
         """
         if not isinstance(event, OutboxEvent):
             raise TypeError(f"append_outbox takes an OutboxEvent, got {type(event).__name__}")
@@ -35,12 +42,16 @@ class OutboxRepository(StorageBase):
             raise ValueError(
                 "append_outbox needs a connection inside a transaction (engine.begin())"
             )
-        self._append(conn, event, time.time())
+        return self._append(conn, event, time.time(), claim)
 
-    def _append(self, conn: Connection, event: OutboxEvent, now: float) -> None:
+    def _append(
+        self, conn: Connection, event: OutboxEvent, now: float, claim: bool = False
+    ) -> ClaimedKey | None:
         key = event.key
         seq = conn.execute(self.sql.next_seq, {"b_key": key}).scalar_one()
-        conn.execute(
+        headers = event.message_headers()
+        payload = event.payload_json()
+        row_id = conn.execute(
             self.sql.insert_event,
             {
                 "b_event_id": event.event_id,
@@ -49,11 +60,52 @@ class OutboxRepository(StorageBase):
                 "b_key": key,
                 "b_seq": seq,
                 "b_event_type": event.event_type,
-                "b_payload": event.payload_json(),
-                "b_headers": dumps(event.message_headers()),
+                "b_payload": payload,
+                "b_headers": dumps(headers),
                 "b_ts": now,
             },
+        ).scalar_one()
+        if not claim:
+            return None
+        token = uuid.uuid4().hex
+        claimed = conn.execute(
+            self.sql.claim_next,
+            {
+                "b_key": key,
+                "b_seq": seq,
+                "b_token": token,
+                "b_claim_seconds": self.optimistic_claim_seconds,
+            },
         )
+        if claimed.rowcount != 1:
+            return None  # the relay will send it, after what precedes it
+        record = OutboxRecord(
+            id=row_id,
+            event_id=event.event_id,
+            topic=event.resolved_topic,
+            key=key,
+            seq=seq,
+            event_type=event.event_type,
+            payload=payload,
+            headers=headers,
+            status=OutboxStatus.PENDING,
+            attempts=0,
+            created_at=now,
+        )
+        return ClaimedKey(key, token, (record,))
+
+    async def committed_claims(self, claims: Sequence[ClaimedKey]) -> list[ClaimedKey]:
+        """The claims whose transaction committed (a rolled-back one left no claim behind)."""
+        return await self._run(self._committed_claims, claims)
+
+    def _committed_claims(self, claims: Sequence[ClaimedKey]) -> list[ClaimedKey]:
+        with self._read() as conn:
+            return [
+                c
+                for c in claims
+                if conn.execute(self.sql.claim_alive, {"b_key": c.key, "b_token": c.token}).first()
+                is not None
+            ]
 
     async def claim_outbox(
         self, owner: str, *, max_keys: int, max_events: int, claim_seconds: float

@@ -15,6 +15,7 @@ from sqlalchemy.engine import Row
 from saga_core._json import dumps, loads
 from saga_core.errors import ErrorRecord, LeaseLost, SagaConflict, SagaNotFound
 from saga_core.records import (
+    ClaimedKey,
     Fence,
     NewSaga,
     SagaState,
@@ -183,16 +184,21 @@ class SagaRepository(OutboxRepository):
             steps = conn.execute(self.sql.select_steps, {"b_id": saga_id}).all()
         return _saga_state(row, steps)
 
-    async def write(self, fence: Fence, change: SagaWrite) -> None:
-        """Apply ``change`` after the fenced update, in one transaction."""
-        await self._run(self._write_change, fence, change)
+    async def write(
+        self, fence: Fence, change: SagaWrite, *, claim_events: bool = False
+    ) -> list[ClaimedKey]:
+        """Apply ``change`` after the fenced update, in one transaction.
 
-    def _write_change(self, fence: Fence, change: SagaWrite) -> None:
+        With ``claim_events``, returns the keys claimed for optimistic publishing.
+        """
+        return await self._run(self._write_change, fence, change, claim_events)
+
+    def _write_change(self, fence: Fence, change: SagaWrite, claim: bool) -> list[ClaimedKey]:
         try:
             with self._write() as conn:
-                self._apply(conn, fence, change)
+                return self._apply(conn, fence, change, claim)
         except _AlreadyApplied:
-            pass
+            return []
 
     async def write_transactional(
         self,
@@ -218,7 +224,9 @@ class SagaRepository(OutboxRepository):
             self._apply(conn, fence, finish(result))
         return result
 
-    def _apply(self, conn: Connection, fence: Fence, change: SagaWrite) -> None:
+    def _apply(
+        self, conn: Connection, fence: Fence, change: SagaWrite, claim: bool = False
+    ) -> list[ClaimedKey]:
         now = time.time()
         fence_params = {
             "b_id": fence.saga_id,
@@ -258,8 +266,9 @@ class SagaRepository(OutboxRepository):
             first = change.events[0].event_id
             if conn.execute(self.sql.event_exists, {"b_event_id": first}).first() is not None:
                 raise _AlreadyApplied
-            for event in change.events:
-                self._append(conn, event, now)
+            claims = [self._append(conn, event, now, claim) for event in change.events]
+            return [c for c in claims if c is not None]
+        return []
 
     async def claim_saga(self, saga_id: str, owner: str, lease_seconds: float) -> Fence | None:
         """Lease a saga that nobody holds (or whose lease expired); ``None`` if someone does."""

@@ -208,20 +208,40 @@ class Statements:
             )
             .returning(okey.c.last_seq)
         )
-        self.insert_event = outbox.insert().values(
-            event_id=b("event_id"),
-            saga_id=b("saga_id"),
-            topic=b("topic"),
-            key=b("key"),
-            seq=b("seq"),
-            event_type=b("event_type"),
-            payload=b("payload"),
-            headers=b("headers"),
-            status="PENDING",
-            attempts=0,
-            created_at=b("ts"),
+        self.insert_event = (
+            outbox.insert()
+            .values(
+                event_id=b("event_id"),
+                saga_id=b("saga_id"),
+                topic=b("topic"),
+                key=b("key"),
+                seq=b("seq"),
+                event_type=b("event_type"),
+                payload=b("payload"),
+                headers=b("headers"),
+                status="PENDING",
+                attempts=0,
+                created_at=b("ts"),
+            )
+            .returning(outbox.c.id)
         )
         self.event_exists = select(outbox.c.id).where(outbox.c.event_id == b("event_id"))
+        # Optimistic publish: in the writer's transaction (which holds the key row since the
+        # sequence upsert), claim the key if nobody has it and this event is its next one.
+        self.claim_next = (
+            update(okey)
+            .where(
+                okey.c.key == b("key"),
+                okey.c.sent_seq == b("seq") - 1,
+                okey.c.blocked == false(),
+                or_(okey.c.claim_token.is_(None), okey.c.claimed_until < now),
+                or_(okey.c.next_attempt_at.is_(None), okey.c.next_attempt_at <= now),
+            )
+            .values(claim_token=b("token"), claimed_until=now + b("claim_seconds"))
+        )
+        self.claim_alive = select(okey.c.key).where(
+            okey.c.key == b("key"), okey.c.claim_token == b("token")
+        )
 
         # --- outbox: relay ---------------------------------------------------------------------
         self.claimable_keys = lock_claim(
