@@ -67,15 +67,20 @@ async def _demo(url: str) -> int:
     print(f"  -> orders: {OrderService.orders}")
     print(f"  -> refunds: {PaymentService.refunds}\n")
 
+    # Step events went out right after each commit (optimistic path); the relay sends the rest.
     relayed = await OutboxWorker(storage, broker).drain()
-    print(f"Outbox: {relayed} events relayed to the in-memory broker")
+    published = len(broker.messages())
+    print(
+        f"Outbox: {published} events published to the in-memory broker "
+        f"({published - relayed} right after their commit, {relayed} by the relay)"
+    )
     for m in broker.messages():
         print(f"  {m.topic:10} key={m.key:14} {m.headers['event_type']}")
     print("\nCompensation graph (Mermaid; from the repository root:")
     print("  saga graph examples.order_saga:OrderPlacementSaga)")
     print(render_mermaid(OrderPlacementSaga.definition()))
     await storage.aclose()
-    ok_all = status == "COMPENSATED" and relayed == len(broker.messages()) == 7
+    ok_all = status == "COMPENSATED" and published == 7
     return 0 if ok_all else 1
 
 

@@ -73,6 +73,9 @@ class ForwardPhase(RunBase):
         attempt = self.steps[name].attempts
         last_error: ErrorRecord | None = self.steps[name].error
         while True:
+            if self._stop.is_set():
+                # Stopped (fail_fast or cancel) before this attempt began: it never runs.
+                return False
             attempt += 1
             row = self._step(
                 name,
@@ -100,6 +103,8 @@ class ForwardPhase(RunBase):
             result: Any = None
             with anyio.CancelScope() as scope:
                 self._scopes[name] = scope
+                if self._stop.is_set():  # stopped while the attempt was being recorded
+                    scope.cancel()
                 try:
                     if sd.transactional:
                         return await self._run_transactional(sd, ctx, row)

@@ -141,13 +141,39 @@ async def publish_claims(
     *,
     retry_backoff: float,
     dead_after: int,
+    follow: int = 0,
 ) -> int:
     """Publish the events of claimed keys in one batch and record the outcome per key.
 
     Each key advances past its acknowledged prefix only; the first refused event counts an
     attempt (and goes ``DEAD`` after ``dead_after``). ``BrokerUnavailable`` gives every key back
-    untouched and is raised again. Returns how many events were acknowledged.
+    untouched and is raised again. With ``follow``, a key whose events were all sent is kept
+    while more of its events are committed, and those are published too. Returns how many
+    events were acknowledged.
     """
+    total = 0
+    while claims:
+        sent, claims = await _publish_round(
+            storage,
+            broker,
+            claims,
+            retry_backoff=retry_backoff,
+            dead_after=dead_after,
+            follow=follow,
+        )
+        total += sent
+    return total
+
+
+async def _publish_round(
+    storage: OutboxStore,
+    broker: Broker,
+    claims: Sequence[ClaimedKey],
+    *,
+    retry_backoff: float,
+    dead_after: int,
+    follow: int,
+) -> tuple[int, list[ClaimedKey]]:
     messages: list[Message] = []
     spans: list[tuple[ClaimedKey, int, int]] = []
     for claim in claims:
@@ -163,13 +189,16 @@ async def publish_claims(
                 await storage.release_outbox(claim, retry_in=0.0)
         raise
     sent_total = 0
+    following: list[ClaimedKey] = []
     for claim, start, end in spans:
         sent, error = _acked_prefix(results[start:end])
         sent_total += sent
-        await storage.complete_outbox(
-            claim, sent, error, retry_in=retry_backoff, dead_after=dead_after
+        more = await storage.complete_outbox(
+            claim, sent, error, retry_in=retry_backoff, dead_after=dead_after, follow=follow
         )
-    return sent_total
+        if more is not None:
+            following.append(more)
+    return sent_total, following
 
 
 class OptimisticPublisher:
@@ -221,12 +250,15 @@ class OptimisticPublisher:
                 live = await self.storage.committed_claims(live)
                 if not live:
                     return 0
+            # Keep the key while the writer commits more of its events (a saga's next step),
+            # so they go out at once too instead of waiting for the relay's next poll.
             sent = await publish_claims(
                 self.storage,
                 self.broker,
                 live,
                 retry_backoff=self.retry_backoff,
                 dead_after=self.max_attempts,
+                follow=100,
             )
         except Exception as exc:
             log.warning("optimistic publish failed (%s); the relay will send it", exc)

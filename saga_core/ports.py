@@ -121,11 +121,20 @@ class OutboxStore(Protocol):
         ...
 
     async def complete_outbox(
-        self, claim: ClaimedKey, sent: int, error: str | None, *, retry_in: float, dead_after: int
-    ) -> None:
+        self,
+        claim: ClaimedKey,
+        sent: int,
+        error: str | None,
+        *,
+        retry_in: float,
+        dead_after: int,
+        follow: int = 0,
+    ) -> ClaimedKey | None:
         """Record that the first ``sent`` events of ``claim`` were acknowledged, and the next one
         failed with ``error`` (when given): count an attempt, back the key off by ``retry_in``,
-        mark it DEAD and block the key after ``dead_after`` attempts. Releases the claim."""
+        mark it DEAD and block the key after ``dead_after`` attempts. Releases the claim, unless
+        ``follow > 0``, all were sent and more events of the key are committed: then the claim
+        is kept and those events (up to ``follow``) are returned."""
         ...
 
     async def release_outbox(self, claim: ClaimedKey, *, retry_in: float) -> None:

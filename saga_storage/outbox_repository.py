@@ -135,18 +135,40 @@ class OutboxRepository(StorageBase):
         return [ClaimedKey(k, token, tuple(evs)) for k, evs in by_key.items()]
 
     async def complete_outbox(
-        self, claim: ClaimedKey, sent: int, error: str | None, *, retry_in: float, dead_after: int
-    ) -> None:
-        """Record a publish result for a claimed key (see ``OutboxStore.complete_outbox``)."""
-        await self._run(self._complete_outbox, claim, sent, error, retry_in, dead_after)
+        self,
+        claim: ClaimedKey,
+        sent: int,
+        error: str | None,
+        *,
+        retry_in: float,
+        dead_after: int,
+        follow: int = 0,
+    ) -> ClaimedKey | None:
+        """Record a publish result for a claimed key (see ``OutboxStore.complete_outbox``).
+
+        With ``follow > 0`` and every event sent, the claim is kept when more events of the key
+        were committed meanwhile: they are returned (up to ``follow``) to publish next.
+        """
+        return await self._run(
+            self._complete_outbox, claim, sent, error, retry_in, dead_after, follow
+        )
 
     def _complete_outbox(
-        self, claim: ClaimedKey, sent: int, error: str | None, retry_in: float, dead_after: int
-    ) -> None:
+        self,
+        claim: ClaimedKey,
+        sent: int,
+        error: str | None,
+        retry_in: float,
+        dead_after: int,
+        follow: int = 0,
+    ) -> ClaimedKey | None:
         if not claim.events:
-            return self._release_outbox(claim, 0.0)
+            self._release_outbox(claim, 0.0)
+            return None
         first_seq = claim.events[0].seq - 1
         sent_seq = claim.events[sent - 1].seq if sent else first_seq
+        if follow > 0 and error is None and sent == len(claim.events):
+            return self._advance_and_follow(claim, first_seq, sent_seq, follow)
         with self._write() as conn:
             res = conn.execute(
                 self.sql.finish_key,
@@ -178,6 +200,38 @@ class OutboxRepository(StorageBase):
                     conn.execute(self.sql.kill_event, {"b_id": failed.id})
                     conn.execute(self.sql.block_key, {"b_key": claim.key})
         return None
+
+    def _advance_and_follow(
+        self, claim: ClaimedKey, first_seq: int, sent_seq: int, follow: int
+    ) -> ClaimedKey | None:
+        with self._write() as conn:
+            res = conn.execute(
+                self.sql.advance_claimed,
+                {
+                    "b_key": claim.key,
+                    "b_token": claim.token,
+                    "b_sent_seq": sent_seq,
+                    "b_claim_seconds": self.optimistic_claim_seconds,
+                },
+            )
+            if res.rowcount != 1:
+                return None  # claim expired and was taken over
+            conn.execute(
+                self.sql.mark_sent,
+                {
+                    "b_key": claim.key,
+                    "b_from_seq": first_seq,
+                    "b_to_seq": sent_seq,
+                    "b_ts": time.time(),
+                },
+            )
+            rows = conn.execute(
+                self.sql.claimed_events, {"b_token": claim.token, "b_per_key": follow}
+            ).all()
+            if not rows:
+                conn.execute(self.sql.unclaim_key, {"b_key": claim.key, "b_token": claim.token})
+                return None
+        return ClaimedKey(claim.key, claim.token, tuple(_record(r) for r in rows))
 
     async def release_outbox(self, claim: ClaimedKey, *, retry_in: float) -> None:
         """Give a claimed key back untouched, retrying it after ``retry_in`` seconds."""

@@ -279,6 +279,12 @@ class Statements:
                 next_attempt_at=now + b("retry_in"),
             )
         )
+        # The optimistic publisher keeps its claim while more events of the key are committed.
+        self.advance_claimed = (
+            update(okey)
+            .where(okey.c.key == b("key"), okey.c.claim_token == b("token"))
+            .values(sent_seq=b("sent_seq"), claimed_until=now + b("claim_seconds"))
+        )
         self.unclaim_key = (
             update(okey)
             .where(okey.c.key == b("key"), okey.c.claim_token == b("token"))

@@ -35,7 +35,7 @@ def test_demo_runs_with_no_configuration(tmp_path: Path) -> None:
     assert text.index("cancel_order undid create_order") < text.index(
         "refund_payment undid charge_payment"
     )
-    assert "Outbox: 7 events relayed" in text
+    assert "Outbox: 7 events published" in text
     assert "flowchart TB" in text
     assert list(tmp_path.iterdir()) == []  # nothing left behind in the working directory
 

@@ -57,7 +57,7 @@ async def test_success_merges_results_and_relays_events(
     assert state.status == SagaStatus.COMPLETED
     assert state.lease_owner is None  # released with the final write
     assert all(s.status == StepStatus.SUCCEEDED and s.attempts == 1 for s in state.steps.values())
-    assert await OutboxWorker(storage, broker).drain() == 3
+    await OutboxWorker(storage, broker).drain()  # whatever the optimistic path left
     msgs = broker.messages()
     assert [m.headers["event_type"] for m in msgs if m.key == sid] == [
         "create_order_completed",
