@@ -16,11 +16,12 @@ from saga_core._run_base import (
     PIVOT_UNKNOWN,
     Failure,
     RunBase,
+    log,
     now_iso,
 )
 from saga_core.context import StepContext
 from saga_core.definition import StepDefinition
-from saga_core.errors import ErrorRecord, LeaseLost
+from saga_core.errors import ErrorRecord, LeaseLost, StorageError
 from saga_core.events import OutboxEvent
 from saga_core.records import REJECTED, SUCCEEDED, UNKNOWN, SagaWrite, StepState
 from saga_core.states import StepStatus
@@ -101,29 +102,40 @@ class ForwardPhase(RunBase):
             )
             exc: BaseException | None = None
             result: Any = None
+            interrupted = False
             with anyio.CancelScope() as scope:
                 self._scopes[name] = scope
                 if self._stop.is_set():  # stopped while the attempt was being recorded
                     scope.cancel()
                 try:
                     if sd.transactional:
-                        return await self._run_transactional(sd, ctx, row)
-                    result = await call_user(
-                        getattr(self.saga, sd.attr),
-                        ctx,
-                        is_async=sd.is_async,
-                        timeout=sd.timeout,
-                        what=f"step {name!r}",
-                        limiter=self.limits.steps,
-                        background=background,
-                        on_thread=lambda w: self.threads.__setitem__(name, w),
-                    )
+                        try:
+                            return await self._run_transactional(sd, ctx, row)
+                        except _Interrupted:
+                            interrupted = True
+                    else:
+                        result = await call_user(
+                            getattr(self.saga, sd.attr),
+                            ctx,
+                            is_async=sd.is_async,
+                            timeout=sd.timeout,
+                            what=f"step {name!r}",
+                            limiter=self.limits.steps,
+                            background=background,
+                            on_thread=lambda w: self.threads.__setitem__(name, w),
+                        )
                 except LeaseLost:
+                    self._lose()
                     raise
                 except Exception as e:
                     exc = e
                 finally:
                     del self._scopes[name]
+            if interrupted and not scope.cancelled_caught:
+                # Rolled back by a database failure: not a failure of the step. The next
+                # attempt's record waits (retrying) until the database is back.
+                await anyio.sleep(0.1)
+                continue
             if scope.cancelled_caught:
                 exc = StepTimeout(f"step {name!r} was cancelled (fail_fast or saga cancel)")
             # A sync step given up on (timeout or cancellation) still runs in its thread.
@@ -199,9 +211,30 @@ class ForwardPhase(RunBase):
             return writes[-1]
 
         # Runs in the storage's thread: the user's SQL and the step record commit together.
-        await self.store.write_transactional(self.fence, action, finish, sd.timeout)
+        # A database failure rolled both back (nothing happened), so it is no step failure:
+        # a new attempt is made (recorded first, as always), unless the commit went through
+        # and only its acknowledgement was lost.
+        try:
+            await self.store.write_transactional(self.fence, action, finish, sd.timeout)
+        except StorageError as exc:
+            log.warning("saga %s: step %s: database failed (%s)", self.saga_id, sd.name, exc)
+            if await self._already_committed(sd.name, row.attempts):
+                return True
+            raise _Interrupted from exc
         self._apply_success(sd.name, writes[-1])
         return True
+
+    async def _already_committed(self, name: str, attempt: int) -> bool:
+        """Whether this attempt's record is stored (its commit's acknowledgement was lost)."""
+        try:
+            stored = (await self.store.load_saga(self.saga_id)).steps[name]
+        except StorageError:
+            return False
+        if stored.status == StepStatus.SUCCEEDED and stored.attempts == attempt:
+            self.steps[name] = stored
+            self._trace("step_succeeded", "  step {step} succeeded", step=name)
+            return True
+        return False
 
     def _success_write(self, sd: StepDefinition, row: StepState, result: Any) -> SagaWrite:
         value = {} if result is None else check_json_object(result, f"result of step {sd.name!r}")
@@ -295,6 +328,10 @@ class ForwardPhase(RunBase):
             pass  # another worker owns the saga now; it will compensate what is unknown
         finally:
             watch.late_recorded.set()
+
+
+class _Interrupted(Exception):
+    """A transactional step's transaction was rolled back by a database failure."""
 
 
 def _forward_reason(sd: StepDefinition, clean: bool) -> str | None:

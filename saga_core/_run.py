@@ -168,7 +168,6 @@ class SagaRun(ForwardPhase, CompensationPhase):
         return False
 
     async def _finish(self, status: SagaStatus, reason: str | None = None) -> None:
-        self._finishing = True
         f = self.failure
         await self._commit(
             SagaWrite(
@@ -179,6 +178,7 @@ class SagaRun(ForwardPhase, CompensationPhase):
                 release_lease=True,
             )
         )
+        self._released = True
         self.reason = reason
         self._trace(
             "saga_finished",

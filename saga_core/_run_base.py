@@ -120,7 +120,7 @@ class RunBase:
         self.suspended = False
         self._work_scope: anyio.CancelScope | None = None
         self._shield_scope: anyio.CancelScope | None = None
-        self._finishing = False
+        self._released = False
         self._scopes: dict[str, anyio.CancelScope] = {}
         self._in_flight = 0
         self._cancel_requested = False
@@ -129,8 +129,8 @@ class RunBase:
 
     def _lose(self) -> None:
         """Stop acting for this saga: another worker may own it now."""
-        if self._finishing and not self.lost:
-            return
+        if self._released or self.lost:
+            return  # finished (the final write let the lease go), or already stopped
         self.lost = True
         log.warning("saga %s: lease lost; stopping its work in this process", self.saga_id)
         for scope in (self._work_scope, self._shield_scope):
@@ -179,6 +179,8 @@ class RunBase:
         delay = 0.05
         deadline = time.monotonic() + 30.0
         while True:
+            if self.lost:  # the lease is gone: retrying could never succeed
+                raise LeaseLost(self.saga_id)
             try:
                 claims = await self.store.write(
                     self.fence, write, claim_events=self.publisher is not None

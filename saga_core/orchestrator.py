@@ -183,10 +183,13 @@ class SagaOrchestrator:
             self._tg.start_soon(self._run_in_background, run)
             await run.done.wait()
             outcome = run.outcome
-            if outcome is None:
+            if outcome is None:  # the run failed unexpectedly: what is stored is the truth
                 return await self.result(run.saga_id)
         else:
             outcome = await self._run(run)
+        if run.lost or run.suspended:
+            # Another worker owns the saga now (or will resume it): wait for its real end.
+            return await self.result(run.saga_id)
         return self._conclude(outcome, definition)
 
     async def start(

@@ -57,6 +57,22 @@ def storage_url(fresh_url: Callable[[], str]) -> str:
 
 
 @pytest.fixture
+def pg_url() -> Iterator[str]:
+    """A fresh PostgreSQL schema, for the few tests that need a real server session."""
+    require_server("127.0.0.1", 5432, "PostgreSQL")
+    admin = create_engine(PG_URL)
+    schema = f"t_{uuid.uuid4().hex[:12]}"
+    with admin.begin() as conn:
+        conn.execute(text(f"CREATE SCHEMA {schema}"))
+    try:
+        yield f"{PG_URL}?options=-csearch_path%3D{schema}"
+    finally:
+        with admin.begin() as conn:
+            conn.execute(text(f"DROP SCHEMA {schema} CASCADE"))
+        admin.dispose()
+
+
+@pytest.fixture
 def storage(storage_url: str) -> Iterator[SqlStorage]:
     s = create_storage(storage_url)
     yield s

@@ -184,3 +184,37 @@ async def test_transactional_step_is_compensated_after_later_failure(storage: Sq
     assert _ledger(storage)[sid] == 3
     assert [x for k, _, x in _log(sid) if k == "undo"] == ["succeeded"]
     assert done(sid) == []
+
+
+class _Killed(DeclarativeSaga):
+    saga_type = "test-transactional-killed"
+
+    @step(transactional=True)
+    def book(self, ctx: StepContext) -> dict[str, Any]:
+        ctx.connection.execute(LEDGER.insert().values(saga_id=ctx.saga_id, amount=ctx.attempt))
+        if ctx.attempt == 1:
+            # The database drops this session before the commit: a database failure, not a
+            # failure of the step.
+            ctx.connection.execute(text("SELECT pg_terminate_backend(pg_backend_pid())"))
+        return {"booked_on_attempt": ctx.attempt}
+
+    @compensate("book")
+    async def unbook(self, ctx: StepContext) -> None:
+        record(ctx, "undo")
+
+
+async def test_transactional_step_cut_by_the_database_is_retried(pg_url: str) -> None:
+    # PostgreSQL only: SQLite has no server session that could be terminated.
+    from saga_storage import create_storage
+
+    storage = create_storage(pg_url)
+    _md.create_all(storage.engine)
+    sid = _sid()
+    r = await SagaOrchestrator(storage).execute(_Killed(), {}, saga_id=sid)
+    assert r["booked_on_attempt"] == 2
+    assert _ledger(storage) == {sid: 2}  # attempt 1's row was rolled back with its session
+    state = await SagaOrchestrator(storage).get(sid)
+    assert state.status == SagaStatus.COMPLETED
+    assert state.steps["book"].attempts == 2
+    assert undone(sid) == []
+    storage.dispose()

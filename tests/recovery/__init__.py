@@ -1,0 +1,1 @@
+"""Crash and recovery tests: real worker processes, real PostgreSQL, real SIGKILL."""
