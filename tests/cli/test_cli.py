@@ -131,3 +131,54 @@ print(anyio.run(s.dead_events)[0].event_id)
     prune = saga("outbox", "prune", "--older-than", "0", "--database", url)
     assert prune.returncode == 0
     assert "pruned 1 sent events" in prune.stdout  # the skipped one counts as sent
+
+
+def test_worker_runs_started_sagas_and_stops_on_sigterm(tmp_path: Path) -> None:
+    import signal
+    import time
+
+    url = f"sqlite:///{tmp_path / 'w.db'}"
+    start = f"""
+import anyio
+from saga_core import SagaOrchestrator
+from saga_storage import create_storage
+from tests.engine.sagas import OrderSaga
+s = create_storage({url!r})
+async def main():
+    o = SagaOrchestrator(s)
+    for i in range(5):
+        await o.start(OrderSaga(), context={{"amount": 1, "fail_ship": i == 0}}, saga_id=f"w-{{i}}")
+anyio.run(main)
+"""
+    made = subprocess.run([sys.executable, "-c", start], cwd=ROOT, capture_output=True, text=True)
+    assert made.returncode == 0, made.stderr
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SAGA_")}
+    env["SAGA_DATABASE_URL"] = url
+    env["SAGA_LEASE_SECONDS"] = "5"
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "saga_cli.main", "worker", "--import", "tests.engine.sagas"],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            ls = saga("ls", "--database", url)
+            if ls.stdout.count("COMPLETED") == 4 and ls.stdout.count("COMPENSATED") == 1:
+                break
+            time.sleep(0.2)
+        else:
+            raise AssertionError(f"sagas did not settle:\n{ls.stdout}")
+        worker.send_signal(signal.SIGTERM)
+        out, _ = worker.communicate(timeout=30)
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+            worker.wait()
+    assert worker.returncode == 0, out
+    assert "lease 5s" in out  # read from SAGA_LEASE_SECONDS
+    assert "test-order" in out
+    assert "saga worker stopped" in out
