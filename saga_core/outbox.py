@@ -131,7 +131,14 @@ class OutboxWorker:
                 await anyio.sleep(outage)
                 continue
             if claimed == 0:
-                await anyio.sleep(self.poll_interval * random.uniform(0.5, 1.5))
+                # Polling with jitter is the guarantee; a storage with notifications opted in
+                # wakes us as soon as a writer commits.
+                wait = getattr(self.storage, "wait_for_outbox", None)
+                timeout = self.poll_interval * random.uniform(0.5, 1.5)
+                if wait is None:
+                    await anyio.sleep(timeout)
+                else:
+                    await wait(timeout)
 
 
 async def publish_claims(

@@ -26,12 +26,15 @@ def create_storage(
     prefix: str = "saga_",
     schema: str | None = None,
     migrate: bool = True,
+    notify: bool = False,
 ) -> SqlStorage:
     """Storage for the SQLAlchemy ``url`` (``sqlite:///file.db``, ``postgresql+psycopg://...``).
 
     Without a URL, ``$SAGA_DATABASE_URL`` or ``sqlite:///saga.db`` is used. Tables are named
     ``<prefix>sagas``, ``<prefix>outbox``... (in ``schema`` on PostgreSQL); ``migrate=False``
-    skips creating or upgrading them.
+    skips creating or upgrading them. ``notify=True`` (PostgreSQL) makes every outbox write
+    send a NOTIFY that wakes relays at once; it costs write throughput, polling stays the
+    guarantee.
     Raises ``ValueError`` naming the problem for a malformed or unsupported URL.
     """
     url = url or os.environ.get("SAGA_DATABASE_URL") or DEFAULT_DATABASE_URL
@@ -49,6 +52,8 @@ def create_storage(
             raise ValueError(
                 f"unsupported SQLite driver {parsed.drivername!r}; use sqlite:///file.db"
             )
+        if notify:
+            raise ValueError("notify=True needs PostgreSQL; SQLite relays poll")
         memory = parsed.database in (None, "", ":memory:")
         if schema is not None:
             raise ValueError("SQLite has no schemas; use prefix= to separate table sets")
@@ -62,7 +67,9 @@ def create_storage(
             ) from exc
         from saga_storage.postgres import PostgresStorage, make_postgres_engine
 
-        storage = PostgresStorage(make_postgres_engine(url), prefix=prefix, schema=schema)
+        storage = PostgresStorage(
+            make_postgres_engine(url), prefix=prefix, schema=schema, notify=notify
+        )
     else:
         raise ValueError(
             f"unsupported database {backend!r} in {parsed.render_as_string(hide_password=True)!r}; "

@@ -81,6 +81,18 @@ class StorageBase:
         yield
 
     # --- plumbing --------------------------------------------------------------------------
+    def _notify_outbox(self, conn: Connection) -> None:
+        """Wake listening relays when this transaction commits (only where opted in)."""
+
+    async def wait_for_outbox(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds for new outbox events; True if woken early.
+
+        Without notifications (SQLite, or PostgreSQL without ``notify=True``) it just sleeps:
+        polling is the guarantee, a wake-up only shortens the wait.
+        """
+        await anyio.sleep(timeout)
+        return False
+
     def _set_statement_timeout(self, conn: Connection, seconds: float) -> None:
         """Bound the statements of a transactional step (where the database can)."""
 

@@ -65,6 +65,7 @@ class OutboxRepository(StorageBase):
                 "b_ts": now,
             },
         ).scalar_one()
+        self._notify_outbox(conn)
         if not claim:
             return None
         token = uuid.uuid4().hex

@@ -4,10 +4,14 @@ migrations and a statement timeout on every connection (DESIGN.md sections 3 and
 from __future__ import annotations
 
 import contextlib
+import time
 import zlib
 from collections.abc import Iterator
 from typing import Any
 
+import anyio
+import psycopg
+from anyio.lowlevel import RunVar
 from sqlalchemy import Connection, Engine, Select, create_engine, event, literal_column, text
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.dialects.postgresql import insert as pg_insert
@@ -65,10 +69,17 @@ class PostgresStorage(SqlStorage):
         prefix: str = "saga_",
         schema: str | None = None,
         pool_size: int = DEFAULT_POOL_SIZE,
+        notify: bool = False,
     ) -> None:
         # The thread limiter matches the pool, so threads never queue on the pool itself.
         super().__init__(engine, prefix=prefix, schema=schema, max_threads=pool_size)
         self._lease_engine: Engine | None = None
+        # Opt-in: a commit carrying NOTIFY takes a global lock in PostgreSQL, which caps write
+        # throughput; polling stays the guarantee either way.
+        self.notify = notify
+        self._channel = f"{self.tables.outbox.name}_events"
+        self._listener: Any = None
+        self._listen_limiter: RunVar[anyio.CapacityLimiter] = RunVar(f"saga_listen_{id(self)}")
 
     @contextlib.contextmanager
     def _lease_write(self) -> Iterator[Connection]:
@@ -86,6 +97,7 @@ class PostgresStorage(SqlStorage):
         super().dispose()
         if self._lease_engine is not None:
             self._lease_engine.dispose()
+        self._close_listener()
 
     def _now(self) -> ColumnElement[float]:
         # clock_timestamp(), not now(): leases compare against real time, not transaction start.
@@ -102,6 +114,46 @@ class PostgresStorage(SqlStorage):
         key = zlib.crc32(f"saga-outbox:{self.tables.version.fullname}".encode())
         conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": key})
         yield
+
+    def _notify_outbox(self, conn: Connection) -> None:
+        if self.notify:
+            conn.execute(text("SELECT pg_notify(:c, '')"), {"c": self._channel})
+
+    async def wait_for_outbox(self, timeout: float) -> bool:
+        """Wait for a NOTIFY from a committing writer, at most ``timeout`` seconds."""
+        if not self.notify:
+            return await super().wait_for_outbox(timeout)
+        try:
+            limiter = self._listen_limiter.get()
+        except LookupError:
+            limiter = anyio.CapacityLimiter(1)
+            self._listen_limiter.set(limiter)
+        deadline = time.monotonic() + timeout
+        try:
+            # In short slices: a waiting thread cannot be interrupted, and a relay being
+            # stopped must not hang for a whole poll interval.
+            while (left := deadline - time.monotonic()) > 0:
+                if await anyio.to_thread.run_sync(self._wait, min(left, 0.25), limiter=limiter):
+                    return True
+            return False
+        except psycopg.Error:
+            self._close_listener()
+            await anyio.sleep(timeout)  # the database is away: fall back to polling
+            return False
+
+    def _wait(self, timeout: float) -> bool:
+        if self._listener is None:
+            url = self.engine.url.set(drivername="postgresql")
+            conn = psycopg.connect(url.render_as_string(hide_password=False), autocommit=True)
+            conn.execute(f'LISTEN "{self._channel}"')
+            self._listener = conn
+        return any(True for _ in self._listener.notifies(timeout=timeout, stop_after=1))
+
+    def _close_listener(self) -> None:
+        if self._listener is not None:
+            with contextlib.suppress(psycopg.Error):
+                self._listener.close()
+            self._listener = None
 
     def _set_statement_timeout(self, conn: Connection, seconds: float) -> None:
         conn.execute(text(f"SET LOCAL statement_timeout = {int(seconds * 1000)}"))

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from pathlib import Path
 
+import anyio
 import pytest
 from sqlalchemy import Column, MetaData, String, Table, select
 
@@ -137,3 +139,32 @@ async def test_broker_outage_consumes_no_attempts(storage: SqlStorage) -> None:
     broker = InMemoryBroker()
     assert await OutboxWorker(storage, broker).drain() == 1  # the claim was given back at once
     assert _statuses(storage) == {"SENT": 1}
+
+
+async def test_notify_wakes_an_idle_relay(pg_url: str) -> None:
+    from saga_storage import create_storage
+
+    storage = create_storage(pg_url, notify=True)
+    broker = InMemoryBroker()
+    # Polling every 60 s: only the NOTIFY sent by the committing writer can deliver in time.
+    worker = OutboxWorker(storage, broker, poll_interval=60.0)
+    try:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(worker.run)
+            await anyio.sleep(0.5)  # the relay is idle, listening
+            with storage.engine.begin() as conn:
+                storage.append_outbox(_event("n", 1), conn=conn)
+            with anyio.fail_after(10):
+                while not broker.messages():
+                    await anyio.sleep(0.02)
+            tg.cancel_scope.cancel()
+    finally:
+        storage.dispose()
+    assert [json.loads(m.value) for m in broker.messages()] == [{"n": 1}]
+
+
+def test_notify_needs_postgresql(tmp_path: Path) -> None:
+    from saga_storage import create_storage
+
+    with pytest.raises(ValueError, match="notify=True needs PostgreSQL"):
+        create_storage(f"sqlite:///{tmp_path / 'x.db'}", notify=True)
