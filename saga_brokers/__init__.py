@@ -12,10 +12,11 @@ import os
 from collections.abc import Callable
 from urllib.parse import urlsplit
 
-from saga_brokers.memory import InMemoryBroker
+from saga_brokers._url import redact_url
+from saga_brokers.memory import InMemoryBroker, InMemoryConsumer
 from saga_core.ports import Broker
 
-__all__ = ["InMemoryBroker", "create_broker", "redact_url", "register_broker"]
+__all__ = ["InMemoryBroker", "InMemoryConsumer", "create_broker", "redact_url", "register_broker"]
 
 BrokerFactory = Callable[[str], Broker]
 
@@ -23,6 +24,11 @@ BrokerFactory = Callable[[str], Broker]
 # library only matters to users of that broker.
 _REGISTRY: dict[str, tuple[str, str | None]] = {
     "memory": ("saga_brokers.memory:_from_url", None),
+    "kafka": ("saga_brokers.kafka:_from_url", "kafka"),
+    "amqp": ("saga_brokers.rabbitmq:_from_url", "rabbitmq"),
+    "amqps": ("saga_brokers.rabbitmq:_from_url", "rabbitmq"),
+    "redis": ("saga_brokers.redis_streams:_from_url", "redis"),
+    "rediss": ("saga_brokers.redis_streams:_from_url", "redis"),
 }
 _FACTORIES: dict[str, BrokerFactory] = {}
 
@@ -39,15 +45,6 @@ def register_broker(scheme: str, factory: BrokerFactory | str, extra: str | None
     else:
         _FACTORIES[scheme] = factory
         _REGISTRY.pop(scheme, None)
-
-
-def redact_url(url: str) -> str:
-    """``url`` with any password replaced by ``***`` (URLs are never logged with secrets)."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
-    return parts._replace(netloc=netloc).geturl()
 
 
 def create_broker(url: str | None = None) -> Broker:
@@ -74,7 +71,8 @@ def create_broker(url: str | None = None) -> Broker:
         except ImportError as exc:
             hint = f"pip install 'saga-outbox[{extra}]'" if extra else "check your installation"
             raise ImportError(
-                f"the {scheme}:// broker needs a library that is not installed ({exc.name}); {hint}"
+                f"the {scheme}:// broker needs a library that is not installed "
+                f"({exc.name or exc}); {hint}"
             ) from exc
         factory = getattr(module, attr)
         _FACTORIES[scheme] = factory

@@ -4,6 +4,7 @@ Pure model and engine; depends on anyio only. Storage (``saga_storage``) and bro
 (``saga_brokers``) plug in through the ports in :mod:`saga_core.ports`.
 """
 
+from saga_core.consumer import ConsumerRunner, ConsumingBroker, Delivery, dead_letter_topic
 from saga_core.context import StepContext
 from saga_core.definition import (
     CompensationDefinition,
@@ -51,7 +52,10 @@ __all__ = [
     "BrokerError",
     "BrokerUnavailable",
     "CompensationDefinition",
+    "ConsumerRunner",
+    "ConsumingBroker",
     "DeclarativeSaga",
+    "Delivery",
     "ErrorRecord",
     "IllegalTransition",
     "Inbox",
@@ -86,6 +90,7 @@ __all__ = [
     "StorageError",
     "SyncSagaOrchestrator",
     "compensate",
+    "dead_letter_topic",
     "registered_saga",
     "registered_sagas",
     "render_mermaid",
