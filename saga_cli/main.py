@@ -13,7 +13,7 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime, timezone
 from typing import Any
 
@@ -196,35 +196,33 @@ def _cmd_worker(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_retry(args: argparse.Namespace) -> int:
-    from saga_core import retry_saga
-
+def _act_on_saga(args: argparse.Namespace, action: Callable[..., Awaitable[SagaState]]) -> int:
+    """Run ``action(storage, saga_id, ...)``, print the saga it returns, map refusals to exit 1."""
     storage = _storage(args)
     try:
-        state = anyio.run(retry_saga, storage, args.saga_id)
+        state = anyio.run(action, storage, args.saga_id)
     except (SagaError, LookupError) as exc:
-        print(f"saga retry: {exc}", file=sys.stderr)
+        print(f"saga {args.command}: {exc}", file=sys.stderr)
         return 1
     finally:
         storage.dispose()
     print(_show(state))
     return 0
+
+
+def _cmd_retry(args: argparse.Namespace) -> int:
+    from saga_core import retry_saga
+
+    return _act_on_saga(args, retry_saga)
 
 
 def _cmd_resolve(args: argparse.Namespace) -> int:
     from saga_core import resolve_saga
 
-    storage = _storage(args)
     status = SagaStatus(args.as_status.upper())
-    try:
-        state = anyio.run(resolve_saga, storage, args.saga_id, status, args.note)
-    except (SagaError, LookupError) as exc:
-        print(f"saga resolve: {exc}", file=sys.stderr)
-        return 1
-    finally:
-        storage.dispose()
-    print(_show(state))
-    return 0
+    return _act_on_saga(
+        args, lambda storage, saga_id: resolve_saga(storage, saga_id, status, args.note)
+    )
 
 
 def _cmd_outbox(args: argparse.Namespace) -> int:

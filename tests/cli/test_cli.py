@@ -182,3 +182,41 @@ anyio.run(main)
     assert "lease 5s" in out  # read from SAGA_LEASE_SECONDS
     assert "test-order" in out
     assert "saga worker stopped" in out
+
+
+def test_retry_and_resolve_a_failed_saga(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'f.db'}"
+    code = f"""
+import anyio
+from saga_core import SagaFailed, SagaOrchestrator
+from saga_storage import create_storage
+from tests.engine.sagas import BadCompensationSaga
+s = create_storage({url!r})
+async def main():
+    for sid in ("bad-1", "bad-2"):
+        try:
+            await SagaOrchestrator(s).execute(BadCompensationSaga(), saga_id=sid)
+        except SagaFailed as exc:
+            print(exc.status.value, exc.reason)
+anyio.run(main)
+"""
+    made = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert made.stdout.split("\n")[:2] == ["FAILED compensation_failed"] * 2, made.stderr
+    retried = saga("retry", "bad-1", "--database", url)
+    assert retried.returncode == 0, retried.stderr
+    assert "status    COMPENSATING" in retried.stdout
+    assert "retried by operator" in retried.stdout
+    done = saga(
+        "resolve", "bad-1", "--as", "compensated", "--note", "refunded b by hand", "--database", url
+    )
+    assert done.returncode == 1  # COMPENSATING now, not FAILED: nothing to resolve
+    assert "only FAILED sagas" in done.stderr
+    resolved = saga(
+        "resolve", "bad-2", "--as", "compensated", "--note", "refunded b by hand", "--database", url
+    )
+    assert resolved.returncode == 0, resolved.stderr
+    assert "status    COMPENSATED" in resolved.stdout
+    assert "resolved by operator: refunded b by hand" in resolved.stdout
+    ok = saga("resolve", "nope", "--as", "completed", "--note", "x", "--database", url)
+    assert ok.returncode == 1
+    assert "no saga with id 'nope'" in ok.stderr
