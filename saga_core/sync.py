@@ -27,6 +27,9 @@ from saga_core.ports import Broker
 from saga_core.records import SagaState
 
 
+_INHERITED: list[object] = []
+
+
 def _running_loop() -> str | None:
     if asyncio._get_running_loop() is not None:
         return "asyncio"
@@ -93,7 +96,10 @@ class SyncSagaOrchestrator:
         check_blocking_allowed(call)
         with self._lock:
             if self._pid != os.getpid():
-                # After fork() the loop thread does not exist in the child: start afresh.
+                # After fork() the loop thread does not exist in the child: start afresh. The
+                # parent's context managers are kept alive on purpose: finalizing them would
+                # ask the parent's (absent) loop thread to stop, and wait forever.
+                _INHERITED.append((self._portal_cm, self._orch_cm))
                 self._portal_cm = self._portal = self._orch_cm = self._orch = None
                 self._pid = os.getpid()
             if self._portal is None or self._orch is None:

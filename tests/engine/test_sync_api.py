@@ -105,3 +105,28 @@ def test_close_is_idempotent_and_reopens(storage: SqlStorage) -> None:
     assert r["tracking"] == "T-1"
     orch.close()
     orch.close()
+
+
+def test_reused_after_fork(storage: SqlStorage) -> None:
+    import multiprocessing
+    import warnings
+
+    with SyncSagaOrchestrator(storage) as orch:
+        assert orch.execute(OrderSaga(), context={"amount": 1})["tracking"] == "T-1"
+        with warnings.catch_warnings():
+            # Forking a process that runs threads is what users do (gunicorn --preload, Celery);
+            # the loop thread is exactly what the orchestrator re-creates after fork.
+            warnings.simplefilter("ignore", DeprecationWarning)
+            ctx = multiprocessing.get_context("fork")
+            queue = ctx.Queue()
+            child = ctx.Process(target=_child_execute, args=(orch, storage, queue))
+            child.start()
+            child.join(60)
+        assert child.exitcode == 0
+        assert queue.get(timeout=5) == "T-1"
+
+
+def _child_execute(orch: SyncSagaOrchestrator, storage: SqlStorage, queue: Any) -> None:
+    # SQLAlchemy's rule after fork: drop (without closing) the parent's pooled connections.
+    storage.engine.dispose(close=False)
+    queue.put(orch.execute(OrderSaga(), context={"amount": 2})["tracking"])
