@@ -26,7 +26,6 @@ from saga_core.orchestrator import SagaOrchestrator, SagaResult
 from saga_core.ports import Broker
 from saga_core.records import SagaState
 
-
 _INHERITED: list[object] = []
 
 
