@@ -16,6 +16,7 @@ from sqlalchemy.sql.dml import Insert
 from sqlalchemy.sql.elements import ColumnElement
 
 from saga_core.errors import StorageError
+from saga_storage.coalesce import Coalescer, Pending
 from saga_storage.migrations import MIGRATIONS, apply_pending
 from saga_storage.schema import Tables, build_tables
 from saga_storage.statements import Statements
@@ -42,6 +43,13 @@ class StorageBase:
         self.tables: Tables = build_tables(prefix, schema)
         self.sql = Statements(
             self.tables, now=self._now(), upsert_insert=self._insert, lock_claim=self._lock_claim
+        )
+        #: Group concurrent saga writes into shared transactions (see saga_storage.coalesce).
+        self.coalesce = True
+        self._writes: Coalescer[Any] = Coalescer(
+            f"saga_writes_{id(self)}",
+            functools.partial(self._guarded, self._write_batch),  # driver errors mapped
+            self._run,
         )
         self._max_threads = max_threads
         # One limiter per event loop: the same storage may serve several loops in turn (a sync
@@ -81,6 +89,10 @@ class StorageBase:
         yield
 
     # --- plumbing --------------------------------------------------------------------------
+    def _write_batch(self, batch: list[Pending[Any]]) -> None:
+        """Apply a batch of queued writes in one transaction (the saga repository's)."""
+        raise NotImplementedError
+
     def _notify_outbox(self, conn: Connection) -> None:
         """Wake listening relays when this transaction commits (only where opted in)."""
 

@@ -23,6 +23,7 @@ from saga_core.records import (
     StepState,
 )
 from saga_core.states import SagaStatus, StepStatus
+from saga_storage.coalesce import Pending
 from saga_storage.outbox_repository import OutboxRepository
 
 T = TypeVar("T")
@@ -191,7 +192,10 @@ class SagaRepository(OutboxRepository):
 
         With ``claim_events``, returns the keys claimed for optimistic publishing.
         """
-        return await self._run(self._write_change, fence, change, claim_events)
+        if not self.coalesce:
+            return await self._run(self._write_change, fence, change, claim_events)
+        result: list[ClaimedKey] = await self._writes.submit(fence, change, claim_events)
+        return result
 
     def _write_change(self, fence: Fence, change: SagaWrite, claim: bool) -> list[ClaimedKey]:
         try:
@@ -199,6 +203,30 @@ class SagaRepository(OutboxRepository):
                 return self._apply(conn, fence, change, claim)
         except _AlreadyApplied:
             return []
+
+    def _write_batch(self, batch: list[Pending[list[ClaimedKey]]]) -> None:
+        """Apply many sagas' writes in one transaction (see ``saga_storage.coalesce``).
+
+        A write whose fence fails stops before writing anything, so it fails alone without a
+        savepoint. Any other error rolls the whole batch back and reaches every writer, which
+        retries its own write.
+        """
+        outcomes: list[tuple[Pending[list[ClaimedKey]], list[ClaimedKey] | BaseException]] = []
+        with self._write() as conn:
+            for item in batch:
+                fence, change, claim = item.args
+                try:
+                    outcomes.append((item, self._apply(conn, fence, change, claim)))
+                except LeaseLost as exc:
+                    outcomes.append((item, exc))
+                except _AlreadyApplied:
+                    outcomes.append((item, []))  # its rows were rewritten with the same values
+        for item, outcome in outcomes:  # only after the commit succeeded
+            if isinstance(outcome, BaseException):
+                item.error = outcome
+            else:
+                item.result = outcome
+            item.done = True
 
     async def write_transactional(
         self,
