@@ -24,7 +24,7 @@ from saga_core.definition import StepDefinition
 from saga_core.errors import ErrorRecord, LeaseLost, StorageError
 from saga_core.events import OutboxEvent
 from saga_core.records import REJECTED, SUCCEEDED, UNKNOWN, SagaWrite, StepState
-from saga_core.states import StepStatus
+from saga_core.states import SagaStatus, StepStatus
 
 
 class ForwardPhase(RunBase):
@@ -41,10 +41,18 @@ class ForwardPhase(RunBase):
                 self.reason = _forward_reason(d.step(name), row.status == StepStatus.REJECTED)
         if self.failure is not None:
             return
-        started: set[str] = {n for n, r in self.steps.items() if r.status == StepStatus.SUCCEEDED}
+        started = self._started
+        started.update(n for n, r in self.steps.items() if r.status == StepStatus.SUCCEEDED)
         async with anyio.create_task_group() as tg:
 
             def launch_ready() -> None:
+                # Steps whose attempt was recorded with a predecessor's success are in flight
+                # already: they run whatever happened since.
+                for s in list(self._prestarted):
+                    if s not in started:
+                        started.add(s)
+                        self._in_flight += 1
+                        tg.start_soon(step_task, s)
                 if self.failure is not None or self._cancel_requested:
                     return
                 for s in d.order:
@@ -74,19 +82,17 @@ class ForwardPhase(RunBase):
         attempt = self.steps[name].attempts
         last_error: ErrorRecord | None = self.steps[name].error
         while True:
-            if self._stop.is_set():
-                # Stopped (fail_fast or cancel) before this attempt began: it never runs.
-                return False
-            attempt += 1
-            row = self._step(
-                name,
-                status=StepStatus.RUNNING,
-                attempts=attempt,
-                error=last_error,
-                started_at=time.time(),
-                finished_at=None,
-            )
-            await self._commit(SagaWrite(steps=(row,)))
+            prestarted = self._prestarted.pop(name, None)
+            if prestarted is not None:
+                # Its attempt was recorded with the success of the step it waited for.
+                row, attempt = prestarted, prestarted.attempts
+            else:
+                if self._stop.is_set():
+                    # Stopped (fail_fast or cancel) before this attempt began: it never runs.
+                    return False
+                attempt += 1
+                row = self._open_attempt(name, attempt, last_error)
+                await self._commit(SagaWrite(steps=(row,)))
             self._trace(
                 "step_started",
                 "  step {step} started (attempt {attempt})",
@@ -264,11 +270,66 @@ class ForwardPhase(RunBase):
         self.steps[name] = write.steps[0]
         self._trace("step_succeeded", "  step {step} succeeded", step=name)
 
+    def _open_attempt(self, name: str, attempt: int, error: ErrorRecord | None) -> StepState:
+        """The row recorded before an attempt runs (``attempt + 1`` persisted first)."""
+        return self._step(
+            name,
+            status=StepStatus.RUNNING,
+            attempts=attempt,
+            error=error,
+            started_at=time.time(),
+            finished_at=None,
+        )
+
     async def _record_success(self, sd: StepDefinition, row: StepState, result: Any) -> bool:
+        """Record the success, and in the same transaction the first attempt of every step it
+        unblocks, or, for the saga's last step, its completion: fewer commits per saga."""
         write = self._success_write(sd, row, result)
+        ready = self._unblocked_by(sd.name)
+        opened = tuple(
+            self._open_attempt(n, self.steps[n].attempts + 1, self.steps[n].error) for n in ready
+        )
+        last = (
+            not ready
+            and self._in_flight == 1
+            and self.status == SagaStatus.RUNNING
+            and all(r.status == StepStatus.SUCCEEDED for n, r in self.steps.items() if n != sd.name)
+        )
+        if last:
+            write = replace(write, status=self._to(SagaStatus.COMPLETED), release_lease=True)
+        write = replace(write, steps=(*write.steps, *opened))
         await self._commit(write, update_rows=False)
         self._apply_success(sd.name, write)
+        for r in opened:
+            self.steps[r.name] = r
+            self._prestarted[r.name] = r
+        if last:
+            self._completed_inline = True
+            self._released = True
         return True
+
+    def _unblocked_by(self, name: str) -> list[str]:
+        """Steps that may start once ``name`` succeeds (none after a failure or a stop)."""
+        if (
+            self.saga.fail_fast
+            or self.failure is not None
+            or self._cancel_requested
+            or self._stop.is_set()
+        ):
+            return []
+        d = self.definition
+        return [
+            s
+            for s in d.order
+            if s != name
+            and s not in self._started
+            and s not in self._prestarted
+            and name in d.step(s).depends_on
+            and all(
+                dep == name or self.steps[dep].status == StepStatus.SUCCEEDED
+                for dep in d.step(s).depends_on
+            )
+        ]
 
     async def _record_failure(
         self,

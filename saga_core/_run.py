@@ -151,6 +151,7 @@ class SagaRun(ForwardPhase, CompensationPhase):
             if r.status in (StepStatus.RUNNING, StepStatus.COMPENSATING)
             and r.finished_at is None
             and r.started_at is not None
+            and r.name not in self._prestarted  # opened by this very run
         ]
         if not open_rows:
             return False
@@ -169,15 +170,16 @@ class SagaRun(ForwardPhase, CompensationPhase):
 
     async def _finish(self, status: SagaStatus, reason: str | None = None) -> None:
         f = self.failure
-        await self._commit(
-            SagaWrite(
-                status=self._to(status),
-                reason=reason,
-                failed_step=f.step if f else None,
-                error=f.error if f else None,
-                release_lease=True,
+        if not (status == SagaStatus.COMPLETED and self._completed_inline):
+            await self._commit(
+                SagaWrite(
+                    status=self._to(status),
+                    reason=reason,
+                    failed_step=f.step if f else None,
+                    error=f.error if f else None,
+                    release_lease=True,
+                )
             )
-        )
         self._released = True
         self.reason = reason
         self._trace(

@@ -88,6 +88,7 @@ class RunBase:
         max_crashes: int = 5,
         suspend_after: float | None = None,
         publisher: OptimisticPublisher | None = None,
+        prestarted: tuple[str, ...] = (),
     ) -> None:
         self.store = store
         self.definition = definition
@@ -121,6 +122,12 @@ class RunBase:
         self._work_scope: anyio.CancelScope | None = None
         self._shield_scope: anyio.CancelScope | None = None
         self._released = False
+        # Steps that may start (all dependencies done) and that the forward phase started.
+        self._started: set[str] = set()
+        # Steps whose first attempt was recorded with their last dependency's success.
+        self._prestarted: dict[str, StepState] = {n: self.steps[n] for n in prestarted}
+        # The last step's success already recorded the saga COMPLETED.
+        self._completed_inline = False
         self._scopes: dict[str, anyio.CancelScope] = {}
         self._in_flight = 0
         self._cancel_requested = False

@@ -300,7 +300,10 @@ class SagaOrchestrator:
                 f"saga_id must be a non-empty str of at most 255 characters, got {saga_id!r}"
             )
         sid = saga_id or str(uuid.uuid4())
-        new = NewSaga(sid, definition.saga_type, definition.version, data, definition.step_names)
+        roots = tuple(s.name for s in definition.steps if not s.depends_on) if leased else ()
+        new = NewSaga(
+            sid, definition.saga_type, definition.version, data, definition.step_names, roots
+        )
         state, fence = await self.storage.create_saga(
             new, lease_owner=self.owner if leased else None, lease_seconds=self.lease_seconds
         )
@@ -311,12 +314,18 @@ class SagaOrchestrator:
             )
         if fence is None:
             return sid, None
-        run = self._new_run(saga, definition, state, fence)
+        run = self._new_run(saga, definition, state, fence, prestarted=new.opened)
         self._runs[sid] = run
         return sid, run
 
     def _new_run(
-        self, saga: DeclarativeSaga, definition: SagaDefinition, state: SagaState, fence: Fence
+        self,
+        saga: DeclarativeSaga,
+        definition: SagaDefinition,
+        state: SagaState,
+        fence: Fence,
+        *,
+        prestarted: tuple[str, ...] = (),
     ) -> SagaRun:
         return SagaRun(
             store=self.storage,
@@ -327,6 +336,7 @@ class SagaOrchestrator:
             limits=self._limits,
             lease_seconds=self.lease_seconds,
             publisher=self._publisher,
+            prestarted=prestarted,
         )
 
     async def _run(self, run: SagaRun) -> RunOutcome:

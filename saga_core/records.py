@@ -91,13 +91,16 @@ class SagaState:
 
 @dataclass(frozen=True)
 class NewSaga:
-    """A saga about to be inserted (with one PENDING row per step)."""
+    """A saga about to be inserted, with one PENDING row per step, except the steps in
+    ``opened``, whose first attempt is recorded right away when the saga is leased to its
+    creator (one transaction fewer per saga)."""
 
     saga_id: str
     saga_type: str
     definition_hash: str
     input: Mapping[str, Any]
     step_names: tuple[str, ...]
+    opened: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

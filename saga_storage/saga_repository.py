@@ -133,11 +133,29 @@ class SagaRepository(OutboxRepository):
                         "b_ts": now,
                     },
                 )
+                # Steps in ``opened`` get their first attempt recorded with the insert (only for
+                # a saga leased to its creator, which runs them at once).
+                opened = set(new.opened) if owner else set()
+                rows = {
+                    name: (
+                        StepState(name, StepStatus.RUNNING, attempts=1, started_at=now)
+                        if name in opened
+                        else StepState(name)
+                    )
+                    for name in new.step_names
+                }
                 conn.execute(
                     self.sql.insert_step,
                     [
-                        {"b_id": new.saga_id, "b_name": name, "b_position": i}
-                        for i, name in enumerate(new.step_names)
+                        {
+                            "b_id": new.saga_id,
+                            "b_name": name,
+                            "b_position": i,
+                            "b_status": row.status.value,
+                            "b_attempts": row.attempts,
+                            "b_started_at": row.started_at,
+                        }
+                        for i, (name, row) in enumerate(rows.items())
                     ],
                 )
         except sa_exc.IntegrityError:
@@ -153,7 +171,7 @@ class SagaRepository(OutboxRepository):
             definition_hash=new.definition_hash,
             status=status,
             input=loads(input_json),
-            steps={n: StepState(n) for n in new.step_names},
+            steps=rows,
             created_at=now,
             updated_at=now,
             lease_owner=owner,

@@ -64,7 +64,12 @@ class Statements:
             updated_at=b("ts"),
         )
         self.insert_step = steps.insert().values(
-            saga_id=b("id"), name=b("name"), position=b("position"), status="PENDING", attempts=0
+            saga_id=b("id"),
+            name=b("name"),
+            position=b("position"),
+            status=b("status"),
+            attempts=b("attempts"),
+            started_at=b("started_at"),
         )
         fenced = and_(
             sagas.c.id == b("id"),
