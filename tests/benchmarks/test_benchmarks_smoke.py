@@ -1,0 +1,147 @@
+"""The benchmark suite's quick path on tiny sizes, so it cannot rot.
+
+It checks that every case runs and that its results are consistent (every event relayed exactly
+as counted, every saga completed with each step recorded, baselines measured), never how fast
+anything was. Peers are optional and not run here; Kafka and RabbitMQ are left to the full
+suite (the broker contract tests cover those adapters).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import anyio
+import pytest
+
+from benchmarks.__main__ import main
+from benchmarks.outbox import OutboxSizes
+from benchmarks.report import render, write_json
+from benchmarks.runner import SuiteConfig, run_suite
+from benchmarks.saga import SagaSizes
+from tests.support.services import IN_CI, port_open, require_server
+
+pytestmark = pytest.mark.slow
+
+TINY_OUTBOX = OutboxSizes(
+    events=60, per_key=4, commit_batch=16, latency_events=8, latency_gap=0.001
+)
+TINY_SAGA = SagaSizes(sequential=3, concurrent={"3-step": 12, "10-step fan-out": 4})
+
+
+def _storages() -> tuple[str, ...]:
+    if port_open("127.0.0.1", 5432) or IN_CI:
+        require_server("127.0.0.1", 5432, "PostgreSQL")
+        return ("sqlite", "postgresql")
+    return ("sqlite",)
+
+
+def _brokers() -> tuple[str, ...]:
+    if port_open("127.0.0.1", 6379) or IN_CI:
+        require_server("127.0.0.1", 6379, "Redis")
+        return ("memory", "redis")
+    return ("memory",)
+
+
+def test_outbox_and_saga_suites_run_and_add_up(tmp_path: Path) -> None:
+    storages, brokers = _storages(), _brokers()
+    config = SuiteConfig(
+        suites=("outbox", "saga"),
+        quick=True,
+        storages=storages,
+        brokers=brokers,
+        outbox=TINY_OUTBOX,
+        saga=TINY_SAGA,
+        progress=False,
+    )
+    results = anyio.run(run_suite, config)
+    assert results["errors"] == []
+
+    relays = results["outbox"]
+    assert {(r["storage"], r["broker"]) for r in relays} == {
+        (s, b) for s in storages for b in brokers
+    }
+    for r in relays:
+        # Every committed event relayed once, marked sent, and present on the broker exactly
+        # once (on the memory broker, each key's events in commit order too).
+        assert r["relayed"] == r["sent"] == TINY_OUTBOX.events, r
+        assert r["pending"] == 0 and r["dead"] == 0, r
+        assert r["on_broker"] == TINY_OUTBOX.events, r
+        assert r["keys_in_order"] is (True if r["broker"] == "memory" else None), r
+        assert r["consistent"] is True
+        assert r["relay_rate"] > 0 and r["commit_rate"] > 0
+        # Both baselines measured in the same case, on the same number of messages.
+        assert r["raw_broker"]["messages"] == TINY_OUTBOX.events
+        assert r["raw_db"]["rows"] == TINY_OUTBOX.events
+        assert r["raw_broker"]["rate"] > 0 and r["raw_db"]["insert_then_drain_rate"] > 0
+        assert r["raw_db"]["keyed_insert_then_drain_rate"] > 0
+        assert r["lower_baseline"] == min(
+            r["raw_broker"]["rate"], r["raw_db"]["insert_then_drain_rate"]
+        )
+
+    latencies = results["latency"]
+    paths = {(r["storage"], r["broker"], r["path"]) for r in latencies}
+    for s, b in {(r["storage"], r["broker"]) for r in relays}:
+        assert {(s, b, "optimistic"), (s, b, "polling")} <= paths
+        assert ((s, b, "notify") in paths) == (s == "postgresql")
+    for lat in latencies:
+        assert lat["acked"] == lat["events"] == TINY_OUTBOX.latency_events, lat
+        assert lat["p50_ms"] <= lat["p99_ms"] <= lat["max_ms"]
+        if lat["optimistic"]:
+            # One event at a time on its own key: the shortcut always applies.
+            assert lat["optimistic_share"] == 1.0, lat
+        else:
+            assert lat["optimistic_share"] == 0.0, lat
+
+    sagas = results["saga"]
+    assert {(r["storage"], r["shape"]) for r in sagas} == {
+        (s, shape) for s in storages for shape in ("3-step", "10-step fan-out")
+    }
+    for r in sagas:
+        assert r["consistent"] is True, r
+        assert r["failures"] == 0
+        # Never more than a transaction per transition (2n + 2); fewer when writes are merged
+        # or concurrent sagas share commits.
+        assert 0 < r["commits_per_saga"] <= 2 * r["steps"] + 2, r
+        assert r["renewals_per_saga"] >= 0
+
+    verdicts = {t["target"]: t["met"] for t in results["targets"]}
+    assert len(verdicts) >= 5
+    text = render(results)
+    assert "Outbox: N events committed" in text and "Sagas (ours)" in text
+    out = tmp_path / "results.json"
+    write_json(results, out)
+    assert json.loads(out.read_text())["outbox"][0]["relayed"] == TINY_OUTBOX.events
+
+
+def test_command_line_writes_the_table_and_json(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "cli.json"
+    code = main(
+        [
+            "outbox",
+            "--quick",
+            "--storages",
+            "sqlite",
+            "--brokers",
+            "memory",
+            "--events",
+            "30",
+            "--no-latency",
+            "--no-progress",
+            "--json",
+            str(out),
+        ]
+    )
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "relay ev/s" in printed and "Targets" in printed
+    data = json.loads(out.read_text())
+    assert data["mode"] == "quick"
+    assert [r["relayed"] for r in data["outbox"]] == [30]
+
+
+def test_unknown_names_are_refused() -> None:
+    with pytest.raises(SystemExit):
+        main(["outbox", "--brokers", "carrier-pigeon"])
