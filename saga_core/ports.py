@@ -137,6 +137,18 @@ class OutboxStore(Protocol):
         is kept and those events (up to ``follow``) are returned."""
         ...
 
+    async def complete_outbox_many(
+        self,
+        results: Sequence[tuple[ClaimedKey, int, str | None]],
+        *,
+        retry_in: float,
+        dead_after: int,
+        follow: int = 0,
+    ) -> list[ClaimedKey]:
+        """``complete_outbox`` for many claims ``(claim, sent, error)`` in one transaction;
+        returns the follow-up claims."""
+        ...
+
     async def release_outbox(self, claim: ClaimedKey, *, retry_in: float) -> None:
         """Give the key back without counting an attempt (the broker was unavailable)."""
         ...

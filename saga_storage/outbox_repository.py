@@ -154,6 +154,33 @@ class OutboxRepository(StorageBase):
             self._complete_outbox, claim, sent, error, retry_in, dead_after, follow
         )
 
+    async def complete_outbox_many(
+        self,
+        results: Sequence[tuple[ClaimedKey, int, str | None]],
+        *,
+        retry_in: float,
+        dead_after: int,
+        follow: int = 0,
+    ) -> list[ClaimedKey]:
+        """``complete_outbox`` for a whole relay round in one transaction (keys in claim
+        order); returns the follow-up claims."""
+        return await self._run(self._complete_many, results, retry_in, dead_after, follow)
+
+    def _complete_many(
+        self,
+        results: Sequence[tuple[ClaimedKey, int, str | None]],
+        retry_in: float,
+        dead_after: int,
+        follow: int,
+    ) -> list[ClaimedKey]:
+        follows: list[ClaimedKey] = []
+        with self._write() as conn:
+            for claim, sent, error in results:
+                more = self._complete_in(conn, claim, sent, error, retry_in, dead_after, follow)
+                if more is not None:
+                    follows.append(more)
+        return follows
+
     def _complete_outbox(
         self,
         claim: ClaimedKey,
@@ -163,60 +190,38 @@ class OutboxRepository(StorageBase):
         dead_after: int,
         follow: int = 0,
     ) -> ClaimedKey | None:
+        with self._write() as conn:
+            return self._complete_in(conn, claim, sent, error, retry_in, dead_after, follow)
+
+    def _complete_in(
+        self,
+        conn: Connection,
+        claim: ClaimedKey,
+        sent: int,
+        error: str | None,
+        retry_in: float,
+        dead_after: int,
+        follow: int,
+    ) -> ClaimedKey | None:
         if not claim.events:
-            self._release_outbox(claim, 0.0)
+            conn.execute(self.sql.unclaim_key, {"b_key": claim.key, "b_token": claim.token})
             return None
         first_seq = claim.events[0].seq - 1
         sent_seq = claim.events[sent - 1].seq if sent else first_seq
         if follow > 0 and error is None and sent == len(claim.events):
-            return self._advance_and_follow(claim, first_seq, sent_seq, follow)
-        with self._write() as conn:
-            res = conn.execute(
-                self.sql.finish_key,
-                {
-                    "b_key": claim.key,
-                    "b_token": claim.token,
-                    "b_sent_seq": sent_seq,
-                    "b_retry_in": retry_in if error else 0.0,
-                },
-            )
-            if res.rowcount != 1:
-                return None  # claim expired and was taken over: that relay republishes
-            if sent:
-                conn.execute(
-                    self.sql.mark_sent,
-                    {
-                        "b_key": claim.key,
-                        "b_from_seq": first_seq,
-                        "b_to_seq": sent_seq,
-                        "b_ts": time.time(),
-                    },
-                )
-            if error is not None and sent < len(claim.events):
-                failed = claim.events[sent]
-                attempts = conn.execute(
-                    self.sql.fail_event, {"b_id": failed.id, "b_error": error[:2000]}
-                ).scalar_one()
-                if attempts >= dead_after:
-                    conn.execute(self.sql.kill_event, {"b_id": failed.id})
-                    conn.execute(self.sql.block_key, {"b_key": claim.key})
-        return None
-
-    def _advance_and_follow(
-        self, claim: ClaimedKey, first_seq: int, sent_seq: int, follow: int
-    ) -> ClaimedKey | None:
-        with self._write() as conn:
-            res = conn.execute(
-                self.sql.advance_claimed,
-                {
-                    "b_key": claim.key,
-                    "b_token": claim.token,
-                    "b_sent_seq": sent_seq,
-                    "b_claim_seconds": self.optimistic_claim_seconds,
-                },
-            )
-            if res.rowcount != 1:
-                return None  # claim expired and was taken over
+            return self._advance_and_follow(conn, claim, first_seq, sent_seq, follow)
+        res = conn.execute(
+            self.sql.finish_key,
+            {
+                "b_key": claim.key,
+                "b_token": claim.token,
+                "b_sent_seq": sent_seq,
+                "b_retry_in": retry_in if error else 0.0,
+            },
+        )
+        if res.rowcount != 1:
+            return None  # claim expired and was taken over: that relay republishes
+        if sent:
             conn.execute(
                 self.sql.mark_sent,
                 {
@@ -226,12 +231,45 @@ class OutboxRepository(StorageBase):
                     "b_ts": time.time(),
                 },
             )
-            rows = conn.execute(
-                self.sql.claimed_events, {"b_token": claim.token, "b_per_key": follow}
-            ).all()
-            if not rows:
-                conn.execute(self.sql.unclaim_key, {"b_key": claim.key, "b_token": claim.token})
-                return None
+        if error is not None and sent < len(claim.events):
+            failed = claim.events[sent]
+            attempts = conn.execute(
+                self.sql.fail_event, {"b_id": failed.id, "b_error": error[:2000]}
+            ).scalar_one()
+            if attempts >= dead_after:
+                conn.execute(self.sql.kill_event, {"b_id": failed.id})
+                conn.execute(self.sql.block_key, {"b_key": claim.key})
+        return None
+
+    def _advance_and_follow(
+        self, conn: Connection, claim: ClaimedKey, first_seq: int, sent_seq: int, follow: int
+    ) -> ClaimedKey | None:
+        res = conn.execute(
+            self.sql.advance_claimed,
+            {
+                "b_key": claim.key,
+                "b_token": claim.token,
+                "b_sent_seq": sent_seq,
+                "b_claim_seconds": self.optimistic_claim_seconds,
+            },
+        )
+        if res.rowcount != 1:
+            return None  # claim expired and was taken over
+        conn.execute(
+            self.sql.mark_sent,
+            {
+                "b_key": claim.key,
+                "b_from_seq": first_seq,
+                "b_to_seq": sent_seq,
+                "b_ts": time.time(),
+            },
+        )
+        rows = conn.execute(
+            self.sql.claimed_events, {"b_token": claim.token, "b_per_key": follow}
+        ).all()
+        if not rows:
+            conn.execute(self.sql.unclaim_key, {"b_key": claim.key, "b_token": claim.token})
+            return None
         return ClaimedKey(claim.key, claim.token, tuple(_record(r) for r in rows))
 
     async def release_outbox(self, claim: ClaimedKey, *, retry_in: float) -> None:
