@@ -26,6 +26,9 @@ class OutboxRepository(StorageBase):
     # --- outbox ----------------------------------------------------------------------------
     #: How long an optimistic claim lasts; the relay takes the key over after that.
     optimistic_claim_seconds = 10.0
+    #: Whether a relay round completes all its keys in one transaction. Only where writers
+    #: are serialised anyway (SQLite): with row locks it could deadlock with a writer.
+    complete_round_in_one_transaction = False
 
     def append_outbox(
         self, event: OutboxEvent, *, conn: Connection, claim: bool = False
@@ -174,6 +177,14 @@ class OutboxRepository(StorageBase):
         follow: int,
     ) -> list[ClaimedKey]:
         follows: list[ClaimedKey] = []
+        if not self.complete_round_in_one_transaction:
+            # One key row per transaction: a writer appending to several keys locks them in
+            # its own order, so a relay transaction holding several could deadlock with it.
+            for claim, sent, error in results:
+                more = self._complete_outbox(claim, sent, error, retry_in, dead_after, follow)
+                if more is not None:
+                    follows.append(more)
+            return follows
         with self._write() as conn:
             for claim, sent, error in results:
                 more = self._complete_in(conn, claim, sent, error, retry_in, dead_after, follow)
