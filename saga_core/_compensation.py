@@ -109,7 +109,7 @@ class CompensationPhase(RunBase):
                 if comp.retry.should_retry(attempt, exc) and not isinstance(
                     exc, ThreadStillRunning
                 ):
-                    self._steps_set(replace(row, compensation_error=error))
+                    self.steps[name] = replace(row, compensation_error=error)
                     await anyio.sleep(comp.retry.delay(attempt))
                     continue
                 bad = replace(

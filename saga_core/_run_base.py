@@ -174,9 +174,6 @@ class RunBase:
     def _step(self, name: str, *, status: StepStatus, **changes: Any) -> StepState:
         return replace(self.steps[name], status=self._step_to(name, status), **changes)
 
-    def _steps_set(self, row: StepState) -> None:
-        self.steps[row.name] = row
-
     async def _commit(self, write: SagaWrite, *, update_rows: bool = True) -> None:
         """Persist ``write``, retrying database failures with the same payload.
 

@@ -17,7 +17,7 @@ from saga_core._json import check_json_object
 from saga_core._run import Limits, RunOutcome, SagaRun
 from saga_core.definition import DeclarativeSaga, SagaDefinition, registered_saga
 from saga_core.errors import SagaDefinitionError, SagaError, SagaFailed
-from saga_core.outbox import OptimisticPublisher
+from saga_core.outbox import OptimisticPublisher, OutboxWorker
 from saga_core.ports import Broker, OutboxStore, SagaStore
 from saga_core.records import Fence, NewSaga, SagaState
 from saga_core.states import SagaStatus, StepStatus
@@ -137,8 +137,6 @@ class SagaOrchestrator:
         self._tg_cm = anyio.create_task_group()
         self._tg = await self._tg_cm.__aenter__()
         if self.broker is not None and isinstance(self.storage, OutboxStore):
-            from saga_core.outbox import OutboxWorker
-
             self._tg.start_soon(OutboxWorker(self.storage, self.broker).run)
         return self
 

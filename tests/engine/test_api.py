@@ -286,3 +286,27 @@ async def test_cancelling_the_caller_stops_waiting_not_the_saga(storage: SqlStor
         result = await orch.result(sid, timeout=5)
     assert result["waited"] is True
     assert done(sid) == ["wait_a_bit"]
+
+
+def test_a_chain_of_n_steps_costs_n_plus_one_write_transactions(tmp_path: Any) -> None:
+    """Backs docs/configuration.md: a step's success records the next step's first attempt,
+    the last one the saga's completion, and the creator the root's first attempt."""
+    import contextlib
+
+    storage = create_storage(f"sqlite:///{tmp_path / 'count.db'}")
+    storage.coalesce = False  # one transaction per write, so they can be counted
+    writes = 0
+    inner = storage._write
+
+    @contextlib.contextmanager
+    def counted() -> Any:
+        nonlocal writes
+        writes += 1
+        with inner() as conn:
+            yield conn
+
+    storage._write = counted  # type: ignore[method-assign]
+    result = anyio.run(SagaOrchestrator(storage).execute, OrderSaga(), {"amount": 1})
+    assert result["tracking"] == "T-1"
+    assert writes == 4  # three chained steps + 1
+    storage.dispose()
