@@ -1,5 +1,5 @@
-"""The outbox half of the repository: appends in the writer's transaction, key claims for the
-relay, dead letters, pruning, and the consumer inbox (DESIGN.md section 4)."""
+"""The outbox half of the repository: key claims for the relay, dead letters, pruning, and the
+consumer inbox (DESIGN.md section 4). Appends are in ``outbox_append``."""
 
 from __future__ import annotations
 
@@ -11,93 +11,18 @@ from typing import Any, TypeVar
 from sqlalchemy import Connection
 from sqlalchemy.engine import Row
 
-from saga_core._json import dumps, loads
-from saga_core.events import OutboxEvent
+from saga_core._json import loads
 from saga_core.records import ClaimedKey, OutboxRecord, OutboxStats
 from saga_core.states import OutboxStatus
-from saga_storage.base import StorageBase
+from saga_storage.outbox_append import OutboxAppender
 
 T = TypeVar("T")
 
 
-class OutboxRepository(StorageBase):
-    """Outbox and inbox rows."""
+class OutboxRepository(OutboxAppender):
+    """Outbox and inbox rows: the relay's claims, operations, the inbox."""
 
-    # --- outbox ----------------------------------------------------------------------------
-    #: How long an optimistic claim lasts; the relay takes the key over after that.
-    optimistic_claim_seconds = 10.0
-    #: Whether a relay round completes all its keys in one transaction. Only where writers
-    #: are serialised anyway (SQLite): with row locks it could deadlock with a writer.
-    complete_round_in_one_transaction = False
-
-    def append_outbox(
-        self, event: OutboxEvent, *, conn: Connection, claim: bool = False
-    ) -> ClaimedKey | None:
-        """Add ``event`` to the outbox inside the caller's transaction on ``conn``.
-
-        It is published only if that transaction commits, in commit order for its key. With
-        ``claim=True`` (used by ``OptimisticPublisher``), the key is also claimed when nobody
-        holds it and this event is its next one; the claim is returned, to publish after commit.
-        """
-        if not isinstance(event, OutboxEvent):
-            raise TypeError(f"append_outbox takes an OutboxEvent, got {type(event).__name__}")
-        if not conn.in_transaction():
-            raise ValueError(
-                "append_outbox needs a connection inside a transaction (engine.begin())"
-            )
-        return self._append(conn, event, time.time(), claim)
-
-    def _append(
-        self, conn: Connection, event: OutboxEvent, now: float, claim: bool = False
-    ) -> ClaimedKey | None:
-        key = event.key
-        seq = conn.execute(self.sql.next_seq, {"b_key": key}).scalar_one()
-        headers = event.message_headers()
-        payload = event.payload_json()
-        row_id = conn.execute(
-            self.sql.insert_event,
-            {
-                "b_event_id": event.event_id,
-                "b_saga_id": event.saga_id,
-                "b_topic": event.resolved_topic,
-                "b_key": key,
-                "b_seq": seq,
-                "b_event_type": event.event_type,
-                "b_payload": payload,
-                "b_headers": dumps(headers),
-                "b_ts": now,
-            },
-        ).scalar_one()
-        self._notify_outbox(conn)
-        if not claim:
-            return None
-        token = uuid.uuid4().hex
-        claimed = conn.execute(
-            self.sql.claim_next,
-            {
-                "b_key": key,
-                "b_seq": seq,
-                "b_token": token,
-                "b_claim_seconds": self.optimistic_claim_seconds,
-            },
-        )
-        if claimed.rowcount != 1:
-            return None  # the relay will send it, after what precedes it
-        record = OutboxRecord(
-            id=row_id,
-            event_id=event.event_id,
-            topic=event.resolved_topic,
-            key=key,
-            seq=seq,
-            event_type=event.event_type,
-            payload=payload,
-            headers=headers,
-            status=OutboxStatus.PENDING,
-            attempts=0,
-            created_at=now,
-        )
-        return ClaimedKey(key, token, (record,))
-
+    # --- outbox: relay ------------------------------------------------------------------
     async def committed_claims(self, claims: Sequence[ClaimedKey]) -> list[ClaimedKey]:
         """The claims whose transaction committed (a rolled-back one left no claim behind)."""
         return await self._run(self._committed_claims, claims)
