@@ -43,7 +43,9 @@ def make_postgres_engine(
         parsed,
         pool_size=pool_size,
         max_overflow=0,
-        pool_pre_ping=True,
+        # No pre-ping: it is a round trip before every transaction. A connection broken by a
+        # server restart fails its first statement instead; SQLAlchemy then invalidates the
+        # whole pool, and our writers retry on StorageError.
         pool_timeout=statement_timeout,
     )
     timeout_ms = int(statement_timeout * 1000)

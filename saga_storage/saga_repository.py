@@ -9,7 +9,6 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, TypeVar
 
 from sqlalchemy import Connection, select
-from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import Row
 
 from saga_core._json import dumps, loads
@@ -93,6 +92,16 @@ def _step_params(saga_id: str, s: StepState) -> dict[str, Any]:
     }
 
 
+#: Marks a queued creation among the queued writes of the coalescer.
+_CREATE = object()
+
+
+def _saga_id_of(item: Pending[Any]) -> str:
+    """The saga a queued creation ``(_CREATE, new, ...)`` or write ``(fence, ...)`` is for."""
+    target = item.args[1] if item.args[0] is _CREATE else item.args[0]
+    return str(target.saga_id)
+
+
 class _AlreadyApplied(Exception):
     """A retried write whose first try had committed (its event ids exist): nothing to redo."""
 
@@ -105,79 +114,111 @@ class SagaRepository(OutboxRepository):
         self, new: NewSaga, *, lease_owner: str | None, lease_seconds: float
     ) -> tuple[SagaState, Fence | None]:
         """Insert the saga and its steps (see ``SagaStore.create_saga``)."""
-        return await self._run(self._create_saga, new, lease_owner, lease_seconds)
+        if not self.coalesce:
+            return await self._run(self._create_saga, new, lease_owner, lease_seconds)
+        # Creations share the transactions of concurrent saga writes (saga_storage.coalesce).
+        created: tuple[SagaState, Fence | None] = await self._writes.submit(
+            _CREATE, new, lease_owner, lease_seconds
+        )
+        return created
 
     def _create_saga(
         self, new: NewSaga, owner: str | None, lease_seconds: float
     ) -> tuple[SagaState, Fence | None]:
-        input_json = dumps(new.input)
-        try:
-            with self._write() as conn:
-                found = self._existing(conn, new, input_json)
-                if found is not None:
-                    return found, None
-                now = time.time()
-                status = SagaStatus.RUNNING if owner else SagaStatus.PENDING
-                epoch = 1 if owner else 0
-                conn.execute(
-                    self.sql.insert_saga,
-                    {
-                        "b_id": new.saga_id,
-                        "b_saga_type": new.saga_type,
-                        "b_definition_hash": new.definition_hash,
-                        "b_status": status.value,
-                        "b_input": input_json,
-                        "b_owner": owner,
-                        "b_epoch": epoch,
-                        "b_lease": lease_seconds if owner else None,
-                        "b_ts": now,
-                    },
-                )
-                # Steps in ``opened`` get their first attempt recorded with the insert (only for
-                # a saga leased to its creator, which runs them at once).
-                opened = set(new.opened) if owner else set()
-                rows = {
-                    name: (
-                        StepState(name, StepStatus.RUNNING, attempts=1, started_at=now)
-                        if name in opened
-                        else StepState(name)
-                    )
-                    for name in new.step_names
+        with self._write() as conn:
+            (outcome,) = self._create_in(conn, [(new, owner, lease_seconds)])
+        if isinstance(outcome, BaseException):
+            raise outcome
+        return outcome
+
+    def _create_in(
+        self, conn: Connection, batch: Sequence[tuple[NewSaga, str | None, float]]
+    ) -> list[tuple[SagaState, Fence | None] | SagaConflict]:
+        """Insert new sagas and their steps, in two statements for the whole batch.
+
+        A saga whose id exists (inserted earlier, by another process, or earlier in this
+        batch) is read back instead: the existing one if it is the same saga, else a
+        ``SagaConflict`` for that caller alone.
+        """
+        now = time.time()
+        rows: list[dict[str, Any]] = []
+        for new, owner, lease_seconds in batch:
+            rows.append(
+                {
+                    "b_id": new.saga_id,
+                    "b_saga_type": new.saga_type,
+                    "b_definition_hash": new.definition_hash,
+                    "b_status": (SagaStatus.RUNNING if owner else SagaStatus.PENDING).value,
+                    "b_input": dumps(new.input),
+                    "b_owner": owner,
+                    "b_epoch": 1 if owner else 0,
+                    "b_lease": lease_seconds if owner else None,
+                    "b_ts": now,
                 }
-                conn.execute(
-                    self.sql.insert_step,
-                    [
-                        {
-                            "b_id": new.saga_id,
-                            "b_name": name,
-                            "b_position": i,
-                            "b_status": row.status.value,
-                            "b_attempts": row.attempts,
-                            "b_started_at": row.started_at,
-                        }
-                        for i, (name, row) in enumerate(rows.items())
-                    ],
-                )
-        except sa_exc.IntegrityError:
-            # Another process inserted the same id between our read and our insert.
-            with self._read() as conn:
-                found = self._existing(conn, new, input_json)
-            if found is None:
-                raise
-            return found, None
-        state = SagaState(
-            saga_id=new.saga_id,
-            saga_type=new.saga_type,
-            definition_hash=new.definition_hash,
-            status=status,
-            input=loads(input_json),
-            steps=rows,
-            created_at=now,
-            updated_at=now,
-            lease_owner=owner,
-            lease_epoch=epoch,
+            )
+        # Each id once per statement (a second row with the same id is read back below).
+        first: dict[str, int] = {}
+        for i, (new, _, _) in enumerate(batch):
+            first.setdefault(new.saga_id, i)
+        inserted = set(
+            conn.execute(self.sql.insert_sagas, [rows[i] for i in first.values()]).scalars()
         )
-        return state, (Fence(new.saga_id, owner, epoch) if owner else None)
+        outcomes: list[tuple[SagaState, Fence | None] | SagaConflict] = []
+        step_rows: list[dict[str, Any]] = []
+        for i, (new, owner, _) in enumerate(batch):
+            row = rows[i]
+            if new.saga_id not in inserted or first[new.saga_id] != i:
+                outcomes.append(self._existing_or_conflict(conn, new, row["b_input"]))
+                continue
+            # Steps in ``opened`` get their first attempt recorded with the insert (only for
+            # a saga leased to its creator, which runs them at once).
+            opened = set(new.opened) if owner else set()
+            steps = {
+                name: (
+                    StepState(name, StepStatus.RUNNING, attempts=1, started_at=now)
+                    if name in opened
+                    else StepState(name)
+                )
+                for name in new.step_names
+            }
+            step_rows.extend(
+                {
+                    "b_id": new.saga_id,
+                    "b_name": name,
+                    "b_position": pos,
+                    "b_status": step.status.value,
+                    "b_attempts": step.attempts,
+                    "b_started_at": step.started_at,
+                }
+                for pos, (name, step) in enumerate(steps.items())
+            )
+            state = SagaState(
+                saga_id=new.saga_id,
+                saga_type=new.saga_type,
+                definition_hash=new.definition_hash,
+                status=SagaStatus(row["b_status"]),
+                input=loads(row["b_input"]),
+                steps=steps,
+                created_at=now,
+                updated_at=now,
+                lease_owner=owner,
+                lease_epoch=row["b_epoch"],
+            )
+            outcomes.append((state, Fence(new.saga_id, owner, 1) if owner else None))
+        if step_rows:
+            conn.execute(self.sql.insert_step, step_rows)
+        return outcomes
+
+    def _existing_or_conflict(
+        self, conn: Connection, new: NewSaga, input_json: str
+    ) -> tuple[SagaState, Fence | None] | SagaConflict:
+        try:
+            found = self._existing(conn, new, input_json)
+        except SagaConflict as exc:
+            return exc
+        if found is None:  # cannot happen: the insert saw the id, and rows are never deleted
+            raise RuntimeError(f"saga {new.saga_id!r} neither inserted nor found")
+        return found, None
 
     def _existing(self, conn: Connection, new: NewSaga, input_json: str) -> SagaState | None:
         row = conn.execute(self.sql.select_saga, {"b_id": new.saga_id}).first()
@@ -222,23 +263,33 @@ class SagaRepository(OutboxRepository):
         except _AlreadyApplied:
             return []
 
-    def _write_batch(self, batch: list[Pending[list[ClaimedKey]]]) -> None:
-        """Apply many sagas' writes in one transaction (see ``saga_storage.coalesce``).
+    def _write_batch(self, batch: list[Pending[Any]]) -> None:
+        """Apply many sagas' creations and writes in one transaction (``saga_storage.coalesce``).
 
         A write whose fence fails stops before writing anything, so it fails alone without a
-        savepoint. Any other error rolls the whole batch back and reaches every writer, which
-        retries its own write.
+        savepoint; so does a creation that conflicts with an existing saga. Any other error
+        rolls the whole batch back and reaches every caller, which retries its own write.
         """
-        outcomes: list[tuple[Pending[list[ClaimedKey]], list[ClaimedKey] | BaseException]] = []
+        outcomes: list[tuple[Pending[Any], Any]] = []
+        # Rows locked in saga id order, as a lease renewal (one UPDATE ... WHERE id IN, an
+        # index scan in id order) locks them: two such transactions never deadlock. The sort is
+        # stable, so one saga's writes keep their order.
+        batch = sorted(batch, key=_saga_id_of)
+        creations = [item for item in batch if item.args[0] is _CREATE]
         with self._write() as conn:
+            if creations:
+                created = self._create_in(conn, [item.args[1:] for item in creations])
+                outcomes.extend(zip(creations, created, strict=True))
             for item in batch:
+                if item.args[0] is _CREATE:
+                    continue  # a saga's writes come after its creation returned: no ordering
                 fence, change, claim = item.args
                 try:
                     outcomes.append((item, self._apply(conn, fence, change, claim)))
                 except LeaseLost as exc:
                     outcomes.append((item, exc))
                 except _AlreadyApplied:
-                    outcomes.append((item, []))  # its rows were rewritten with the same values
+                    outcomes.append((item, []))  # its first attempt committed it all
         for item, outcome in outcomes:  # only after the commit succeeded
             if isinstance(outcome, BaseException):
                 item.error = outcome
@@ -274,46 +325,52 @@ class SagaRepository(OutboxRepository):
         self, conn: Connection, fence: Fence, change: SagaWrite, claim: bool = False
     ) -> list[ClaimedKey]:
         now = time.time()
-        fence_params = {
+        params: dict[str, Any] = {
             "b_id": fence.saga_id,
             "b_owner": fence.owner,
             "b_epoch": fence.epoch,
             "b_ts": now,
         }
+        events = change.events
+        sql = self.sql
+        if events:
+            params["b_first_event"] = events[0].event_id
         if change.wake_in is not None:
-            res = conn.execute(
-                self.sql.fence_suspend, {**fence_params, "b_wake_in": change.wake_in}
-            )
+            stmt = sql.fence_suspend_new if events else sql.fence_suspend
+            params["b_wake_in"] = change.wake_in
         elif change.status is None:
-            res = conn.execute(self.sql.fence_touch, fence_params)
+            stmt = sql.fence_touch_new if events else sql.fence_touch
         else:
+            if change.release_lease:
+                stmt = sql.fence_finish_new if events else sql.fence_finish
+            else:
+                stmt = sql.fence_status_new if events else sql.fence_status
             err = change.error
-            res = conn.execute(
-                self.sql.fence_finish if change.release_lease else self.sql.fence_status,
+            params.update(
                 {
-                    **fence_params,
                     "b_status": change.status.value,
                     "b_reason": change.reason,
                     "b_failed_step": change.failed_step,
                     "b_error_type": err.type if err else None,
                     "b_error_message": err.message if err else None,
                     "b_note": change.note,
-                },
+                }
             )
-        if res.rowcount != 1:
+        if conn.execute(stmt, params).rowcount != 1:
+            # A retried write whose first attempt committed has its events already: all or
+            # nothing, so the whole change is there and must not be applied twice. Otherwise
+            # (or if the lease is gone too) the fence failed.
+            if (
+                events
+                and conn.execute(sql.event_exists, {"b_event_id": events[0].event_id}).first()
+                and conn.execute(sql.fence_holds, params).first()
+            ):
+                raise _AlreadyApplied
             raise LeaseLost(fence.saga_id)
         if change.steps:
-            conn.execute(
-                self.sql.update_step, [_step_params(fence.saga_id, s) for s in change.steps]
-            )
-        if change.events:
-            # A retried write whose first attempt committed has its events already: all or
-            # nothing, so the whole change is there and must not be applied twice.
-            first = change.events[0].event_id
-            if conn.execute(self.sql.event_exists, {"b_event_id": first}).first() is not None:
-                raise _AlreadyApplied
-            claims = [self._append(conn, event, now, claim) for event in change.events]
-            return [c for c in claims if c is not None]
+            conn.execute(sql.update_step, [_step_params(fence.saga_id, s) for s in change.steps])
+        if events:
+            return self._append_many(conn, events, now, claim)
         return []
 
     async def claim_saga(self, saga_id: str, owner: str, lease_seconds: float) -> Fence | None:

@@ -15,6 +15,7 @@ from sqlalchemy import (
     Select,
     and_,
     bindparam,
+    exists,
     false,
     func,
     or_,
@@ -63,6 +64,26 @@ class Statements:
             created_at=b("ts"),
             updated_at=b("ts"),
         )
+        # Creation in batches: one statement inserts every new saga; an id that exists already
+        # is left alone (and read back by its creator), instead of failing the batch.
+        self.insert_sagas = (
+            upsert_insert(sagas)
+            .values(
+                id=b("id"),
+                saga_type=b("saga_type"),
+                definition_hash=b("definition_hash"),
+                status=b("status"),
+                input=b("input"),
+                lease_owner=b("owner"),
+                lease_epoch=b("epoch"),
+                lease_until=now + b("lease"),
+                version=0,
+                created_at=b("ts"),
+                updated_at=b("ts"),
+            )
+            .on_conflict_do_nothing(index_elements=[sagas.c.id])
+            .returning(sagas.c.id)
+        )
         self.insert_step = steps.insert().values(
             saga_id=b("id"),
             name=b("name"),
@@ -109,6 +130,15 @@ class Statements:
                 wake_at=now + b("wake_in"),
             )
         )
+        # Variants for a write carrying events: they match nothing if its first event is
+        # stored already (a retried write whose first try committed), which costs a query
+        # only when the fence fails, instead of one before every write.
+        not_stored = ~exists().where(t.outbox.c.event_id == b("first_event"))
+        self.fence_holds = select(sagas.c.id).where(fenced)
+        self.fence_touch_new = self.fence_touch.where(not_stored)
+        self.fence_status_new = self.fence_status.where(not_stored)
+        self.fence_finish_new = self.fence_finish.where(not_stored)
+        self.fence_suspend_new = self.fence_suspend.where(not_stored)
         self.fence_release = (
             update(sagas)
             .where(fenced)
@@ -213,23 +243,30 @@ class Statements:
             )
             .returning(okey.c.last_seq)
         )
-        self.insert_event = (
-            outbox.insert()
-            .values(
-                event_id=b("event_id"),
-                saga_id=b("saga_id"),
-                topic=b("topic"),
-                key=b("key"),
-                seq=b("seq"),
-                event_type=b("event_type"),
-                payload=b("payload"),
-                headers=b("headers"),
-                status="PENDING",
-                attempts=0,
-                created_at=b("ts"),
-            )
-            .returning(outbox.c.id)
+        # The same for ``n`` events of a key at once; executed for several keys in one
+        # statement, each key once (a row cannot be upserted twice by one statement).
+        upsert_n = upsert_insert(okey).values(
+            key=b("key"), last_seq=b("n"), sent_seq=0, blocked=False
         )
+        self.next_seqs = upsert_n.on_conflict_do_update(
+            index_elements=[okey.c.key],
+            set_={"last_seq": okey.c.last_seq + upsert_n.excluded.last_seq},
+        ).returning(okey.c.key, okey.c.last_seq)
+        self.insert_events = outbox.insert().values(
+            event_id=b("event_id"),
+            saga_id=b("saga_id"),
+            topic=b("topic"),
+            key=b("key"),
+            seq=b("seq"),
+            event_type=b("event_type"),
+            payload=b("payload"),
+            headers=b("headers"),
+            status="PENDING",
+            attempts=0,
+            created_at=b("ts"),
+        )
+        self.insert_event = self.insert_events.returning(outbox.c.id)
+        self.insert_events_ids = self.insert_events.returning(outbox.c.event_id, outbox.c.id)
         self.event_exists = select(outbox.c.id).where(outbox.c.event_id == b("event_id"))
         # Optimistic publish: in the writer's transaction (which holds the key row since the
         # sequence upsert), claim the key if nobody has it and this event is its next one.

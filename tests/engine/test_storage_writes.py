@@ -1,0 +1,181 @@
+"""The storage's batched paths on real databases: creations sharing a transaction, retried
+writes, several events per write and per key in two statements."""
+
+from __future__ import annotations
+
+import uuid
+
+import anyio
+import pytest
+from sqlalchemy import event, func, select, update
+
+from saga_core import LeaseLost, SagaConflict, SagaStatus, StepStatus
+from saga_core.events import OutboxEvent
+from saga_core.records import NewSaga, SagaWrite, StepState
+from saga_storage import SqlStorage
+
+pytestmark = pytest.mark.anyio
+
+STEPS = ("a", "b", "c")
+
+
+def _new(sid: str, amount: int = 1) -> NewSaga:
+    return NewSaga(sid, "batched", "f" * 16, {"amount": amount}, STEPS, opened=("a",))
+
+
+def _count_outbox(storage: SqlStorage) -> int:
+    with storage.engine.connect() as conn:
+        return int(conn.execute(select(func.count()).select_from(storage.tables.outbox)).scalar())
+
+
+async def test_concurrent_creations_of_one_id_insert_it_once(storage: SqlStorage) -> None:
+    sid = f"s-{uuid.uuid4().hex[:8]}"
+    others = [f"o-{uuid.uuid4().hex[:8]}" for _ in range(20)]
+    results: dict[int, object] = {}
+
+    async def create(i: int, new: NewSaga, owner: str | None) -> None:
+        try:
+            results[i] = await storage.create_saga(new, lease_owner=owner, lease_seconds=30)
+        except SagaConflict as exc:
+            results[i] = exc
+
+    async with anyio.create_task_group() as tg:
+        # Same id and input five times, once with another input, plus unrelated sagas: they
+        # all queue for the same coalesced transactions.
+        for i in range(5):
+            tg.start_soon(create, i, _new(sid), f"owner-{i}")
+        tg.start_soon(create, 5, _new(sid, amount=2), "owner-5")
+        for j, other in enumerate(others):
+            tg.start_soon(create, 10 + j, _new(other), "owner-x")
+
+    stored = await storage.load_saga(sid)
+    winner = stored.input["amount"]  # whichever input came first
+    fences = [r[1] for r in map(results.get, range(6)) if isinstance(r, tuple) and r[1]]
+    assert len(fences) == 1 and stored.lease_owner == fences[0].owner  # one lease, stored
+    for i in range(6):
+        amount = 2 if i == 5 else 1
+        r = results[i]
+        if amount == winner:
+            assert isinstance(r, tuple) and r[0].saga_id == sid and r[0].input == stored.input
+        else:
+            assert isinstance(r, SagaConflict)
+    for j, other in enumerate(others):
+        state, fence = results[10 + j]  # type: ignore[misc]
+        assert fence is not None and fence.epoch == 1
+        loaded = await storage.load_saga(other)
+        assert loaded.status == SagaStatus.RUNNING
+        assert loaded.steps["a"].status == StepStatus.RUNNING and loaded.steps["a"].attempts == 1
+        assert [s.status for n, s in loaded.steps.items() if n != "a"] == [StepStatus.PENDING] * 2
+        assert state.steps == loaded.steps
+
+
+async def test_creation_without_coalescing_behaves_the_same(storage: SqlStorage) -> None:
+    storage.coalesce = False
+    sid = f"s-{uuid.uuid4().hex[:8]}"
+    state, fence = await storage.create_saga(_new(sid), lease_owner="me", lease_seconds=30)
+    assert fence is not None and state.status == SagaStatus.RUNNING
+    again, none = await storage.create_saga(_new(sid), lease_owner="me", lease_seconds=30)
+    assert none is None and again.saga_id == sid and again.lease_owner == "me"
+    with pytest.raises(SagaConflict):
+        await storage.create_saga(_new(sid, amount=3), lease_owner=None, lease_seconds=30)
+
+
+@pytest.mark.parametrize("coalesce", [True, False])
+async def test_a_retried_write_whose_first_try_committed_is_not_applied_twice(
+    storage: SqlStorage, coalesce: bool
+) -> None:
+    storage.coalesce = coalesce
+    sid = f"s-{uuid.uuid4().hex[:8]}"
+    _, fence = await storage.create_saga(_new(sid), lease_owner="me", lease_seconds=30)
+    assert fence is not None
+    events = tuple(OutboxEvent(event_type=f"e{i}", payload={"i": i}, saga_id=sid) for i in range(3))
+    change = SagaWrite(
+        steps=(StepState("a", StepStatus.SUCCEEDED, outcome="succeeded", attempts=1),),
+        events=events,
+    )
+    await storage.write(fence, change)
+    version = (await storage.load_saga(sid)).steps
+    await storage.write(fence, change)  # the caller could not know the first one committed
+    assert _count_outbox(storage) == 3
+    assert (await storage.load_saga(sid)).steps == version
+
+    # With the lease gone as well, the retry is refused as a lost lease, not taken as done.
+    with storage.engine.begin() as conn:
+        conn.execute(
+            update(storage.tables.sagas)
+            .where(storage.tables.sagas.c.id == sid)
+            .values(lease_epoch=storage.tables.sagas.c.lease_epoch + 1)
+        )
+    with pytest.raises(LeaseLost):
+        await storage.write(fence, change)
+    assert _count_outbox(storage) == 3
+
+
+async def test_events_of_several_keys_take_consecutive_sequences_in_two_statements(
+    storage: SqlStorage,
+) -> None:
+    keys = [f"k{i}-{uuid.uuid4().hex[:6]}" for i in range(4)]
+    # Interleaved keys, in an order that is not the keys' sorted order.
+    events = [
+        OutboxEvent(event_type="t", payload={"n": n}, aggregate_id=keys[(n * 3) % 4])
+        for n in range(20)
+    ]
+    statements: list[str] = []
+
+    def count(conn: object, cursor: object, stmt: str, *args: object) -> None:
+        statements.append(stmt)
+
+    with storage.engine.begin() as conn:
+        storage.append_outbox(events[0], conn=conn)  # key 0 has one event already
+    event.listen(storage.engine, "before_cursor_execute", count)
+    try:
+        with storage.engine.begin() as conn:
+            storage.append_outbox_many(events[1:], conn=conn)
+    finally:
+        event.remove(storage.engine, "before_cursor_execute", count)
+    assert len([s for s in statements if s.lstrip().upper().startswith("INSERT")]) == 2
+    out = storage.tables.outbox
+    with storage.engine.connect() as conn:
+        rows = conn.execute(select(out.c.key, out.c.seq, out.c.event_id).order_by(out.c.id)).all()
+    by_key: dict[str, list[tuple[int, str]]] = {}
+    for key, seq, event_id in rows:
+        by_key.setdefault(key, []).append((seq, event_id))
+    for key in keys:
+        expected = [e.event_id for e in events if e.key == key]
+        got = sorted(by_key[key])
+        assert [s for s, _ in got] == list(range(1, len(expected) + 1))  # gap-free from 1
+        assert [e for _, e in got] == expected  # in the order they were appended
+
+
+async def test_append_many_refuses_bad_input_before_writing(storage: SqlStorage) -> None:
+    e = OutboxEvent(event_type="t", payload={}, aggregate_id="k")
+    with storage.engine.begin() as conn:
+        with pytest.raises(ValueError, match="appears twice"):
+            storage.append_outbox_many([e, e], conn=conn)
+        with pytest.raises(TypeError, match="item 1 is dict"):
+            storage.append_outbox_many([e, {"event_type": "x"}], conn=conn)  # type: ignore[list-item]
+    with storage.engine.connect() as conn, pytest.raises(ValueError, match="inside a transaction"):
+        storage.append_outbox_many([e], conn=conn)
+    assert _count_outbox(storage) == 0
+
+
+async def test_append_many_claims_each_free_key_with_all_its_new_events(
+    storage: SqlStorage,
+) -> None:
+    held, free = f"held-{uuid.uuid4().hex[:6]}", f"free-{uuid.uuid4().hex[:6]}"
+    with storage.engine.begin() as conn:
+        first = storage.append_outbox(
+            OutboxEvent(event_type="t", payload={}, aggregate_id=held), conn=conn, claim=True
+        )
+    assert first is not None  # the key is now held by that (unpublished) claim
+    events = [
+        OutboxEvent(event_type="t", payload={"n": n}, aggregate_id=k)
+        for n, k in enumerate([free, held, free, free])
+    ]
+    with storage.engine.begin() as conn:
+        claims = storage.append_outbox_many(events, conn=conn, claim=True)
+    assert [c.key for c in claims] == [free]
+    assert [r.event_id for r in claims[0].events] == [e.event_id for e in events if e.key == free]
+    assert [r.seq for r in claims[0].events] == [1, 2, 3]
+    assert claims[0].events[0].headers["event_id"] == events[0].event_id
+    assert await storage.committed_claims(claims) == claims
