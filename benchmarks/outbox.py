@@ -2,8 +2,8 @@
 
 Per case (one storage, one broker, a fresh schema or file, topics of its own):
 
-1. **commit**: ``storage.append_outbox`` inside application transactions of ``commit_batch``
-   events (each event is a key-sequence upsert plus a row, as DESIGN.md section 4 requires);
+1. **commit**: ``storage.append_outbox_many`` inside application transactions of ``commit_batch``
+   events (one key-sequence upsert per key and the rows, as DESIGN.md section 4 requires);
 2. **relay**: ``OutboxWorker.drain()`` publishes them all and marks them sent; wall time and this
    process's CPU (the relay and the broker client's threads) are measured;
 3. **check**: every event is ``SENT``, none pending, and the broker holds exactly as many
@@ -96,11 +96,11 @@ def as_messages(events: Sequence[OutboxEvent]) -> list[Message]:
 
 
 def commit_events(storage: SqlStorage, events: Sequence[OutboxEvent], batch: int) -> None:
-    """Append ``events`` in application transactions of ``batch`` events each."""
+    """Append ``events`` in application transactions of ``batch`` events each, with
+    ``append_outbox_many`` (what the raw baseline's ``executemany`` corresponds to)."""
     for s in range(0, len(events), batch):
         with storage.engine.begin() as conn:
-            for e in events[s : s + batch]:
-                storage.append_outbox(e, conn=conn)
+            storage.append_outbox_many(events[s : s + batch], conn=conn)
 
 
 async def _prepare_topic(target: BrokerTarget, topic: str) -> None:
