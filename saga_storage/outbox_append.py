@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
 from sqlalchemy import Connection
@@ -41,7 +41,7 @@ class OutboxAppender(StorageBase):
         if not isinstance(event, OutboxEvent):
             raise TypeError(f"append_outbox takes an OutboxEvent, got {type(event).__name__}")
         _check_transaction(conn, "append_outbox")
-        claims = self._append_many(conn, (event,), time.time(), claim)
+        claims = self._append_many(conn, (event,), time.time(), {event.key} if claim else ())
         return claims[0] if claims else None
 
     def append_outbox_many(
@@ -66,11 +66,18 @@ class OutboxAppender(StorageBase):
         _check_transaction(conn, "append_outbox_many")
         if not events:
             return []
-        return self._append_many(conn, events, time.time(), claim)
+        return self._append_many(
+            conn, events, time.time(), {e.key for e in events} if claim else ()
+        )
 
     def _append_many(
-        self, conn: Connection, events: Sequence[OutboxEvent], now: float, claim: bool = False
+        self,
+        conn: Connection,
+        events: Sequence[OutboxEvent],
+        now: float,
+        claim_keys: Collection[str] = (),
     ) -> list[ClaimedKey]:
+        """Append ``events``; claim those of ``claim_keys`` that may be published at once."""
         counts: dict[str, int] = {}
         for event in events:
             counts[event.key] = counts.get(event.key, 0) + 1
@@ -101,13 +108,13 @@ class OutboxAppender(StorageBase):
                     "b_ts": now,
                 }
             )
-        if not claim:
+        if not claim_keys:
             conn.execute(self.sql.insert_events, rows)
             self._notify_outbox(conn)
             return []
         row_ids: dict[str, int] = dict(conn.execute(self.sql.insert_events_ids, rows).all())
         self._notify_outbox(conn)
-        return self._claim_new(conn, rows, headers, row_ids, now)
+        return self._claim_new(conn, rows, headers, row_ids, now, claim_keys)
 
     def _claim_new(
         self,
@@ -116,11 +123,13 @@ class OutboxAppender(StorageBase):
         headers: Sequence[dict[str, str]],
         row_ids: Mapping[str, int],
         now: float,
+        claim_keys: Collection[str],
     ) -> list[ClaimedKey]:
         """Claim each key whose first new row is its next event and which nobody holds."""
         by_key: dict[str, list[tuple[Mapping[str, Any], dict[str, str]]]] = {}
         for row, hdrs in zip(rows, headers, strict=True):
-            by_key.setdefault(row["b_key"], []).append((row, hdrs))
+            if row["b_key"] in claim_keys:
+                by_key.setdefault(row["b_key"], []).append((row, hdrs))
         claims = []
         for key, key_rows in by_key.items():
             # One token per key: the publisher follows a claim by its token.

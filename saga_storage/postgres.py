@@ -6,7 +6,7 @@ from __future__ import annotations
 import contextlib
 import time
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import anyio
@@ -82,6 +82,7 @@ class PostgresStorage(SqlStorage):
         self._channel = f"{self.tables.outbox.name}_events"
         self._listener: Any = None
         self._listen_limiter: RunVar[anyio.CapacityLimiter] = RunVar(f"saga_listen_{id(self)}")
+        self._fence_compiled: Any = None
 
     @contextlib.contextmanager
     def _lease_write(self) -> Iterator[Connection]:
@@ -100,6 +101,47 @@ class PostgresStorage(SqlStorage):
         if self._lease_engine is not None:
             self._lease_engine.dispose()
         self._close_listener()
+
+    def _fence_all(self, conn: Connection, params: Sequence[dict[str, Any]]) -> list[bool]:
+        """All fenced updates of a batch in one round trip: psycopg's pipelined executemany,
+        which SQLAlchemy does not offer for an UPDATE with RETURNING (we need each row's)."""
+        if len(params) < 2:
+            return super()._fence_all(conn, params)
+        compiled = self._fence_compiled
+        if compiled is None:
+            compiled = self._fence_compiled = self.sql.fence_write.compile(
+                dialect=self.engine.dialect
+            )
+        processors = compiled._bind_processors
+        rows = []
+        for p in params:
+            row = compiled.construct_params(p)
+            for name, process in processors.items():
+                if name in row:
+                    row[name] = process(row[name])
+            rows.append(row)
+        driver = conn.connection.driver_connection
+        assert isinstance(driver, psycopg.Connection)
+        held: list[bool] = []
+        try:
+            with driver.cursor() as cur:
+                cur.executemany(compiled.string, rows, returning=True)
+                while True:
+                    held.append(cur.fetchone() is not None)
+                    if not cur.nextset():
+                        break
+        except psycopg.Error as exc:
+            # Not seen by SQLAlchemy: drop the connection ourselves if it is broken, and
+            # report it as every storage failure is reported (the writers retry).
+            if driver.closed or driver.broken:
+                conn.invalidate()
+            sqlstate = getattr(exc, "sqlstate", None) or "?"
+            raise StorageError(
+                f"postgresql storage failed ({sqlstate}): {type(exc).__name__}: {exc}"
+            ) from exc
+        if len(held) != len(rows):  # one result per parameter set, or we misread them
+            raise StorageError(f"postgresql: {len(held)} results for {len(rows)} fenced updates")
+        return held
 
     def _now(self) -> ColumnElement[float]:
         # clock_timestamp(), not now(): leases compare against real time, not transaction start.

@@ -13,6 +13,7 @@ from sqlalchemy.engine import Row
 
 from saga_core._json import dumps, loads
 from saga_core.errors import ErrorRecord, LeaseLost, SagaConflict, SagaNotFound
+from saga_core.events import OutboxEvent
 from saga_core.records import (
     ClaimedKey,
     Fence,
@@ -96,14 +97,36 @@ def _step_params(saga_id: str, s: StepState) -> dict[str, Any]:
 _CREATE = object()
 
 
+class _AlreadyApplied(Exception):
+    """A retried write whose first try had committed (its event ids exist): nothing to redo."""
+
+
+def _fence_params(fence: Fence, change: SagaWrite, now: float) -> dict[str, Any]:
+    """The parameters of ``Statements.fence_write`` for one write."""
+    err = change.error
+    suspend = change.wake_in is not None
+    return {
+        "b_id": fence.saga_id,
+        "b_owner": fence.owner,
+        "b_epoch": fence.epoch,
+        "b_ts": now,
+        "b_first_event": change.events[0].event_id if change.events else None,
+        "b_set_status": change.status is not None and not suspend,
+        "b_release": suspend or (change.status is not None and change.release_lease),
+        "b_wake_in": change.wake_in,
+        "b_status": change.status.value if change.status is not None else None,
+        "b_reason": change.reason,
+        "b_failed_step": change.failed_step,
+        "b_error_type": err.type if err else None,
+        "b_error_message": err.message if err else None,
+        "b_note": change.note,
+    }
+
+
 def _saga_id_of(item: Pending[Any]) -> str:
     """The saga a queued creation ``(_CREATE, new, ...)`` or write ``(fence, ...)`` is for."""
     target = item.args[1] if item.args[0] is _CREATE else item.args[0]
     return str(target.saga_id)
-
-
-class _AlreadyApplied(Exception):
-    """A retried write whose first try had committed (its event ids exist): nothing to redo."""
 
 
 class SagaRepository(OutboxRepository):
@@ -257,18 +280,18 @@ class SagaRepository(OutboxRepository):
         return result
 
     def _write_change(self, fence: Fence, change: SagaWrite, claim: bool) -> list[ClaimedKey]:
-        try:
-            with self._write() as conn:
-                return self._apply(conn, fence, change, claim)
-        except _AlreadyApplied:
-            return []
+        with self._write() as conn:
+            (outcome,) = self._apply_many(conn, [(fence, change, claim)])
+        if isinstance(outcome, LeaseLost):
+            raise outcome
+        return [] if isinstance(outcome, _AlreadyApplied) else outcome
 
     def _write_batch(self, batch: list[Pending[Any]]) -> None:
         """Apply many sagas' creations and writes in one transaction (``saga_storage.coalesce``).
 
-        A write whose fence fails stops before writing anything, so it fails alone without a
-        savepoint; so does a creation that conflicts with an existing saga. Any other error
-        rolls the whole batch back and reaches every caller, which retries its own write.
+        A write whose fence fails writes nothing, so it fails alone without a savepoint; so
+        does a creation that conflicts with an existing saga. Any other error rolls the whole
+        batch back and reaches every caller, which retries its own write.
         """
         outcomes: list[tuple[Pending[Any], Any]] = []
         # Rows locked in saga id order, as a lease renewal (one UPDATE ... WHERE id IN, an
@@ -276,20 +299,18 @@ class SagaRepository(OutboxRepository):
         # stable, so one saga's writes keep their order.
         batch = sorted(batch, key=_saga_id_of)
         creations = [item for item in batch if item.args[0] is _CREATE]
+        # A saga's writes come after its creation returned: creations go first, in any order.
+        writes = [item for item in batch if item.args[0] is not _CREATE]
         with self._write() as conn:
             if creations:
                 created = self._create_in(conn, [item.args[1:] for item in creations])
                 outcomes.extend(zip(creations, created, strict=True))
-            for item in batch:
-                if item.args[0] is _CREATE:
-                    continue  # a saga's writes come after its creation returned: no ordering
-                fence, change, claim = item.args
-                try:
-                    outcomes.append((item, self._apply(conn, fence, change, claim)))
-                except LeaseLost as exc:
-                    outcomes.append((item, exc))
-                except _AlreadyApplied:
-                    outcomes.append((item, []))  # its first attempt committed it all
+            if writes:
+                applied = self._apply_many(conn, [item.args for item in writes])
+                outcomes.extend(
+                    (item, [] if isinstance(outcome, _AlreadyApplied) else outcome)
+                    for item, outcome in zip(writes, applied, strict=True)
+                )
         for item, outcome in outcomes:  # only after the commit succeeded
             if isinstance(outcome, BaseException):
                 item.error = outcome
@@ -321,57 +342,67 @@ class SagaRepository(OutboxRepository):
             self._apply(conn, fence, finish(result))
         return result
 
-    def _apply(
-        self, conn: Connection, fence: Fence, change: SagaWrite, claim: bool = False
-    ) -> list[ClaimedKey]:
+    def _apply(self, conn: Connection, fence: Fence, change: SagaWrite) -> None:
+        """One write in the caller's transaction, which any fence failure rolls back (the
+        caller's own work in it must not commit without the write)."""
+        (outcome,) = self._apply_many(conn, [(fence, change, False)])
+        if isinstance(outcome, BaseException):
+            raise outcome
+
+    def _apply_many(
+        self, conn: Connection, writes: Sequence[tuple[Fence, SagaWrite, bool]]
+    ) -> list[list[ClaimedKey] | LeaseLost | _AlreadyApplied]:
+        """Apply writes ``(fence, change, claim_events)`` in order, in ``conn``'s transaction.
+
+        Three kinds of statement for the whole batch, whatever its size: the fenced updates,
+        the step rows, the outbox rows (with their key upsert). A write whose fence fails
+        writes nothing and gets ``LeaseLost``, or ``_AlreadyApplied`` if it had committed.
+        """
         now = time.time()
-        params: dict[str, Any] = {
-            "b_id": fence.saga_id,
-            "b_owner": fence.owner,
-            "b_epoch": fence.epoch,
-            "b_ts": now,
-        }
-        events = change.events
-        sql = self.sql
+        params = [_fence_params(fence, change, now) for fence, change, _ in writes]
+        held = self._fence_all(conn, params)
+        outcomes: list[list[ClaimedKey] | LeaseLost | _AlreadyApplied] = []
+        step_rows: list[dict[str, Any]] = []
+        events: list[OutboxEvent] = []
+        claimer: dict[str, int] = {}  # key -> the write whose caller publishes its claim
+        for i, ((fence, change, claim), ok) in enumerate(zip(writes, held, strict=True)):
+            if not ok:
+                outcomes.append(self._fence_failure(conn, fence, change, params[i]))
+                continue
+            outcomes.append([])
+            step_rows.extend(_step_params(fence.saga_id, s) for s in change.steps)
+            events.extend(change.events)
+            if claim:
+                for event in change.events:
+                    claimer.setdefault(event.key, i)
+        if step_rows:
+            conn.execute(self.sql.update_step, step_rows)
         if events:
-            params["b_first_event"] = events[0].event_id
-        if change.wake_in is not None:
-            stmt = sql.fence_suspend_new if events else sql.fence_suspend
-            params["b_wake_in"] = change.wake_in
-        elif change.status is None:
-            stmt = sql.fence_touch_new if events else sql.fence_touch
-        else:
-            if change.release_lease:
-                stmt = sql.fence_finish_new if events else sql.fence_finish
-            else:
-                stmt = sql.fence_status_new if events else sql.fence_status
-            err = change.error
-            params.update(
-                {
-                    "b_status": change.status.value,
-                    "b_reason": change.reason,
-                    "b_failed_step": change.failed_step,
-                    "b_error_type": err.type if err else None,
-                    "b_error_message": err.message if err else None,
-                    "b_note": change.note,
-                }
-            )
-        if conn.execute(stmt, params).rowcount != 1:
-            # A retried write whose first attempt committed has its events already: all or
-            # nothing, so the whole change is there and must not be applied twice. Otherwise
-            # (or if the lease is gone too) the fence failed.
-            if (
-                events
-                and conn.execute(sql.event_exists, {"b_event_id": events[0].event_id}).first()
-                and conn.execute(sql.fence_holds, params).first()
-            ):
-                raise _AlreadyApplied
-            raise LeaseLost(fence.saga_id)
-        if change.steps:
-            conn.execute(sql.update_step, [_step_params(fence.saga_id, s) for s in change.steps])
-        if events:
-            return self._append_many(conn, events, now, claim)
-        return []
+            for claimed in self._append_many(conn, events, now, claim_keys=claimer.keys()):
+                outcome = outcomes[claimer[claimed.key]]
+                assert isinstance(outcome, list)
+                outcome.append(claimed)
+        return outcomes
+
+    def _fence_all(self, conn: Connection, params: Sequence[dict[str, Any]]) -> list[bool]:
+        """Run the fenced update of each write, in order; whether each matched its saga."""
+        return [conn.execute(self.sql.fence_write, p).first() is not None for p in params]
+
+    def _fence_failure(
+        self, conn: Connection, fence: Fence, change: SagaWrite, params: dict[str, Any]
+    ) -> LeaseLost | _AlreadyApplied:
+        # A retried write whose first attempt committed has its events already: all or
+        # nothing, so the whole change is there and must not be applied twice. Otherwise (or
+        # if the lease is gone as well) the lease was lost.
+        if (
+            change.events
+            and conn.execute(
+                self.sql.event_exists, {"b_event_id": change.events[0].event_id}
+            ).first()
+            and conn.execute(self.sql.fence_holds, params).first()
+        ):
+            return _AlreadyApplied()
+        return LeaseLost(fence.saga_id)
 
     async def claim_saga(self, saga_id: str, owner: str, lease_seconds: float) -> Fence | None:
         """Lease a saga that nobody holds (or whose lease expired); ``None`` if someone does."""

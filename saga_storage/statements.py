@@ -11,10 +11,15 @@ from collections.abc import Callable
 from typing import Any
 
 from sqlalchemy import (
+    Boolean,
     ColumnElement,
+    Float,
     Select,
+    String,
     and_,
     bindparam,
+    case,
+    cast,
     exists,
     false,
     func,
@@ -97,48 +102,56 @@ class Statements:
             sagas.c.lease_owner == b("owner"),
             sagas.c.lease_epoch == b("epoch"),
         )
-        # The fenced update: every write for a saga starts with it (DESIGN.md section 3).
-        self.fence_touch = (
-            update(sagas).where(fenced).values(version=sagas.c.version + 1, updated_at=b("ts"))
-        )
-        status_values = {
-            "version": sagas.c.version + 1,
-            "updated_at": b("ts"),
-            "status": b("status"),
-            "reason": b("reason"),
-            "failed_step": b("failed_step"),
-            "error_type": b("error_type"),
-            "error_message": b("error_message"),
-            "note": b("note"),
-        }
-        self.fence_status = update(sagas).where(fenced).values(**status_values)
-        # A final status write also drops the lease: one transaction fewer per saga.
-        self.fence_finish = (
+        # The fenced update: every write for a saga starts with it (DESIGN.md section 3). One
+        # statement for every kind of write, so the writes of many sagas go to the database as
+        # one batch (executemany): with ``b_set_status`` it records a status (and the error
+        # columns); ``b_release`` drops the lease (a final status: one transaction fewer per
+        # saga); ``b_wake_in`` with ``b_release`` suspends until then (a long retry wait holds
+        # no lease; a worker claims the saga at wake_at). With ``b_first_event``, it matches
+        # nothing if that event is stored already (a retried write whose first try committed),
+        # which costs a query only when the fence fails, instead of one before every write.
+        set_status = bindparam("b_set_status", type_=Boolean)
+        release = bindparam("b_release", type_=Boolean)
+        # Cast: PostgreSQL cannot infer the type of a parameter that is only tested for NULL.
+        wake_in = cast(bindparam("b_wake_in", type_=Float), Float)
+        first_event = bindparam("b_first_event", type_=String)
+
+        def status_col(name: str) -> Any:
+            col = sagas.c[name]
+            return case((set_status, bindparam(f"b_{name}", type_=col.type)), else_=col)
+
+        self.fence_write = (
             update(sagas)
-            .where(fenced)
-            .values(**status_values, lease_owner=None, lease_until=None, wake_at=None)
-        )
-        # A saga waiting a long retry backoff holds no lease; a worker claims it at wake_at.
-        self.fence_suspend = (
-            update(sagas)
-            .where(fenced)
+            .where(
+                fenced,
+                or_(
+                    first_event.is_(None),
+                    ~exists().where(t.outbox.c.event_id == first_event),
+                ),
+            )
             .values(
                 version=sagas.c.version + 1,
                 updated_at=b("ts"),
-                lease_owner=None,
-                lease_until=None,
-                wake_at=now + b("wake_in"),
+                **{
+                    name: status_col(name)
+                    for name in (
+                        "status",
+                        "reason",
+                        "failed_step",
+                        "error_type",
+                        "error_message",
+                        "note",
+                    )
+                },
+                lease_owner=case((release, None), else_=sagas.c.lease_owner),
+                lease_until=case((release, None), else_=sagas.c.lease_until),
+                wake_at=case(
+                    (wake_in.is_not(None), now + wake_in), (release, None), else_=sagas.c.wake_at
+                ),
             )
+            .returning(sagas.c.id)
         )
-        # Variants for a write carrying events: they match nothing if its first event is
-        # stored already (a retried write whose first try committed), which costs a query
-        # only when the fence fails, instead of one before every write.
-        not_stored = ~exists().where(t.outbox.c.event_id == b("first_event"))
         self.fence_holds = select(sagas.c.id).where(fenced)
-        self.fence_touch_new = self.fence_touch.where(not_stored)
-        self.fence_status_new = self.fence_status.where(not_stored)
-        self.fence_finish_new = self.fence_finish.where(not_stored)
-        self.fence_suspend_new = self.fence_suspend.where(not_stored)
         self.fence_release = (
             update(sagas)
             .where(fenced)

@@ -179,3 +179,56 @@ async def test_append_many_claims_each_free_key_with_all_its_new_events(
     assert [r.seq for r in claims[0].events] == [1, 2, 3]
     assert claims[0].events[0].headers["event_id"] == events[0].event_id
     assert await storage.committed_claims(claims) == claims
+
+
+async def test_a_batch_of_writes_fails_exactly_the_writes_whose_fence_fails(
+    storage: SqlStorage,
+) -> None:
+    sids = [f"s{i:02d}-{uuid.uuid4().hex[:6]}" for i in range(30)]
+    fences = {}
+    for sid in sids:
+        _, fence = await storage.create_saga(_new(sid), lease_owner="me", lease_seconds=30)
+        assert fence is not None
+        fences[sid] = fence
+    stolen = {sids[3], sids[17], sids[29]}
+    sagas = storage.tables.sagas
+    with storage.engine.begin() as conn:
+        conn.execute(
+            update(sagas)
+            .where(sagas.c.id.in_(stolen))
+            .values(lease_epoch=sagas.c.lease_epoch + 1, lease_owner="thief")
+        )
+    retried = sids[8]
+
+    def change(sid: str) -> SagaWrite:
+        return SagaWrite(
+            steps=(StepState("a", StepStatus.SUCCEEDED, outcome="succeeded", attempts=1),),
+            events=(OutboxEvent(event_type="a_done", payload={"sid": sid}, saga_id=sid),),
+        )
+
+    changes = {sid: change(sid) for sid in sids}
+    await storage.write(fences[retried], changes[retried])  # its first try committed
+    results: dict[str, object] = {}
+
+    async def write(sid: str) -> None:
+        try:
+            results[sid] = await storage.write(fences[sid], changes[sid], claim_events=True)
+        except LeaseLost as exc:
+            results[sid] = exc
+
+    async with anyio.create_task_group() as tg:  # all queued for the same batches
+        for sid in sids:
+            tg.start_soon(write, sid)
+    assert {sid for sid, r in results.items() if isinstance(r, LeaseLost)} == stolen
+    assert results[retried] == []  # nothing new to publish: it was stored before
+    out = storage.tables.outbox
+    with storage.engine.connect() as conn:
+        stored = sorted(conn.execute(select(out.c.saga_id)).scalars())
+    assert stored == sorted(set(sids) - stolen)  # each once, none of a stolen saga
+    for sid in sids:
+        state = await storage.load_saga(sid)
+        expected = StepStatus.RUNNING if sid in stolen else StepStatus.SUCCEEDED
+        assert state.steps["a"].status == expected
+        if sid not in stolen and sid != retried:
+            claims = results[sid]
+            assert isinstance(claims, list) and [c.key for c in claims] == [sid]
