@@ -9,13 +9,13 @@ from collections.abc import Callable, Iterator
 from typing import Any, ClassVar, TypeVar
 
 import anyio
-from anyio.lowlevel import RunVar
 from sqlalchemy import Connection, Engine, Select
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.sql.dml import Insert
 from sqlalchemy.sql.elements import ColumnElement
 
 from saga_core.errors import StorageError
+from saga_storage._loop_local import LoopLocal
 from saga_storage.coalesce import Coalescer, Pending
 from saga_storage.migrations import MIGRATIONS, apply_pending
 from saga_storage.schema import Tables, build_tables
@@ -54,9 +54,11 @@ class StorageBase:
         self._max_threads = max_threads
         # One limiter per event loop: the same storage may serve several loops in turn (a sync
         # facade's loop thread, then an anyio.run of a script), and limiters are loop-bound.
-        self._limiter: RunVar[anyio.CapacityLimiter] = RunVar(f"saga_storage_{id(self)}")
+        self._limiter = LoopLocal(
+            f"saga_storage_{id(self)}", lambda: anyio.CapacityLimiter(self._max_threads)
+        )
         # Lease renewals never wait behind a busy limiter either.
-        self._lease_limiter: RunVar[anyio.CapacityLimiter] = RunVar(f"saga_leases_{id(self)}")
+        self._lease_limiter = LoopLocal(f"saga_leases_{id(self)}", lambda: anyio.CapacityLimiter(1))
 
     # --- dialect hooks ---------------------------------------------------------------------
     def _now(self) -> ColumnElement[float]:
@@ -113,12 +115,7 @@ class StorageBase:
         return StorageError(f"{self.dialect} storage failed: {type(exc.orig).__name__}: {exc.orig}")
 
     async def _run(self, fn: Callable[..., T], *args: Any, lease: bool = False) -> T:
-        var = self._lease_limiter if lease else self._limiter
-        try:
-            limiter = var.get()
-        except LookupError:
-            limiter = anyio.CapacityLimiter(1 if lease else self._max_threads)
-            var.set(limiter)
+        limiter = (self._lease_limiter if lease else self._limiter).get()
         return await anyio.to_thread.run_sync(
             functools.partial(self._guarded, fn, *args), limiter=limiter
         )

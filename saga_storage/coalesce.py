@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
 import anyio
-from anyio.lowlevel import RunVar
+
+from saga_storage._loop_local import LoopLocal
 
 T = TypeVar("T")
 
@@ -54,19 +55,11 @@ class Coalescer(Generic[T]):
         self._flush = flush
         self._run_in_thread = run_in_thread
         self._max_batch = max_batch
-        self._queue: RunVar[_Queue] = RunVar(name)
-
-    def _state(self) -> _Queue:
-        try:
-            return self._queue.get()
-        except LookupError:
-            q = _Queue()
-            self._queue.set(q)
-            return q
+        self._queue = LoopLocal(name, _Queue)
 
     async def submit(self, *args: Any) -> T:
         """Queue one write and return its result once the transaction holding it committed."""
-        q = self._state()
+        q = self._queue.get()
         item: Pending[T] = Pending(args)
         q.items.append(item)
         while not item.done:

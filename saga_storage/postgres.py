@@ -82,7 +82,7 @@ class PostgresStorage(SqlStorage):
         self._channel = f"{self.tables.outbox.name}_events"
         self._listener: Any = None
         self._listen_limiter: RunVar[anyio.CapacityLimiter] = RunVar(f"saga_listen_{id(self)}")
-        self._fence_compiled: Any = None
+        self._compiled_cache: dict[int, tuple[str, dict[str, Any], dict[str, Any]]] = {}
 
     @contextlib.contextmanager
     def _lease_write(self) -> Iterator[Connection]:
@@ -103,31 +103,43 @@ class PostgresStorage(SqlStorage):
         self._close_listener()
 
     def _fence_all(self, conn: Connection, params: Sequence[dict[str, Any]]) -> list[bool]:
-        """All fenced updates of a batch in one round trip: psycopg's pipelined executemany,
-        which SQLAlchemy does not offer for an UPDATE with RETURNING (we need each row's)."""
+        """All fenced updates of a batch in one round trip, each row's result read back
+        (SQLAlchemy offers executemany with RETURNING only for INSERT)."""
         if len(params) < 2:
             return super()._fence_all(conn, params)
-        compiled = self._fence_compiled
-        if compiled is None:
-            compiled = self._fence_compiled = self.sql.fence_write.compile(
-                dialect=self.engine.dialect
-            )
-        processors = compiled._bind_processors
-        rows = []
-        for p in params:
-            row = compiled.construct_params(p)
-            for name, process in processors.items():
-                if name in row:
-                    row[name] = process(row[name])
-            rows.append(row)
+        return self._executemany(conn, self.sql.fence_write, params, returning=True)
+
+    def _update_steps(self, conn: Connection, rows: Sequence[dict[str, Any]]) -> None:
+        if len(rows) < 2:
+            super()._update_steps(conn, rows)
+        else:
+            self._executemany(conn, self.sql.update_step, rows)
+
+    def _executemany(
+        self,
+        conn: Connection,
+        stmt: Any,
+        rows: Sequence[dict[str, Any]],
+        *,
+        returning: bool = False,
+    ) -> list[bool]:
+        """``stmt`` for every parameter set in ``rows``, on the transaction's psycopg connection:
+        one pipelined round trip, without SQLAlchemy's per-row work (the parameters are already
+        plain values under their bind names). With ``returning``, whether each returned a row.
+        """
+        sql, defaults, processors = self._compiled(stmt)
+        params = [{**defaults, **r} for r in rows]
+        for name, process in processors.items():  # e.g. Boolean's check of its value
+            for p in params:
+                p[name] = process(p[name])
         driver = conn.connection.driver_connection
         assert isinstance(driver, psycopg.Connection)
-        held: list[bool] = []
+        found: list[bool] = []
         try:
             with driver.cursor() as cur:
-                cur.executemany(compiled.string, rows, returning=True)
-                while True:
-                    held.append(cur.fetchone() is not None)
+                cur.executemany(sql, params, returning=returning)
+                while returning:
+                    found.append(cur.fetchone() is not None)
                     if not cur.nextset():
                         break
         except psycopg.Error as exc:
@@ -139,9 +151,24 @@ class PostgresStorage(SqlStorage):
             raise StorageError(
                 f"postgresql storage failed ({sqlstate}): {type(exc).__name__}: {exc}"
             ) from exc
-        if len(held) != len(rows):  # one result per parameter set, or we misread them
-            raise StorageError(f"postgresql: {len(held)} results for {len(rows)} fenced updates")
-        return held
+        if returning and len(found) != len(rows):  # one result per row, or we misread them
+            raise StorageError(f"postgresql: {len(found)} results for {len(rows)} rows")
+        return found
+
+    def _compiled(self, stmt: Any) -> tuple[str, dict[str, Any], dict[str, Any]]:
+        """``stmt``'s SQL for psycopg, the values of its own literals (``version + 1``) and
+        the bind processors of its parameters."""
+        cached = self._compiled_cache.get(id(stmt))
+        if cached is None:
+            compiled = stmt.compile(dialect=self.engine.dialect)
+            literals = {
+                k: v
+                for k, v in compiled.construct_params({}, _check=False).items()
+                if not k.startswith("b_")
+            }
+            processors = dict(compiled._bind_processors)
+            cached = self._compiled_cache[id(stmt)] = (compiled.string, literals, processors)
+        return cached
 
     def _now(self) -> ColumnElement[float]:
         # clock_timestamp(), not now(): leases compare against real time, not transaction start.

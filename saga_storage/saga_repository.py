@@ -376,7 +376,7 @@ class SagaRepository(OutboxRepository):
                 for event in change.events:
                     claimer.setdefault(event.key, i)
         if step_rows:
-            conn.execute(self.sql.update_step, step_rows)
+            self._update_steps(conn, step_rows)
         if events:
             for claimed in self._append_many(conn, events, now, claim_keys=claimer.keys()):
                 outcome = outcomes[claimer[claimed.key]]
@@ -387,6 +387,10 @@ class SagaRepository(OutboxRepository):
     def _fence_all(self, conn: Connection, params: Sequence[dict[str, Any]]) -> list[bool]:
         """Run the fenced update of each write, in order; whether each matched its saga."""
         return [conn.execute(self.sql.fence_write, p).first() is not None for p in params]
+
+    def _update_steps(self, conn: Connection, rows: Sequence[dict[str, Any]]) -> None:
+        """Write whole step rows (one executemany)."""
+        conn.execute(self.sql.update_step, rows)
 
     def _fence_failure(
         self, conn: Connection, fence: Fence, change: SagaWrite, params: dict[str, Any]
