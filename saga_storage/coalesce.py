@@ -29,20 +29,25 @@ class Pending(Generic[T]):
     result: T | None = None
     error: BaseException | None = None
     done: bool = False
+    #: Set once: when the write is done, or when its caller is to lead the next flush.
+    wake: anyio.Event | None = None
+    lead: bool = False
 
 
 @dataclass
 class _Queue:
     items: list[Pending[Any]] = field(default_factory=list)
-    flushing: bool = False
-    flushed: anyio.Event = field(default_factory=anyio.Event)
+    #: Someone leads: a flush runs, or leadership is being handed to a waiting caller.
+    leading: bool = False
 
 
 class Coalescer(Generic[T]):
     """Runs ``flush(batch)`` for queued items, one flush at a time per event loop.
 
     ``flush`` runs in a worker thread (through ``run_in_thread``) and must set ``result`` or
-    ``error`` on every item; an exception it raises becomes every item's error.
+    ``error`` on every item; an exception it raises becomes every item's error. Each waiting
+    caller is woken once: when its write is done, or to lead the next flush (waking every
+    waiter after every flush made thousands of waiting sagas cost more than the writes).
     """
 
     def __init__(
@@ -62,21 +67,54 @@ class Coalescer(Generic[T]):
         q = self._queue.get()
         item: Pending[T] = Pending(args)
         q.items.append(item)
-        while not item.done:
-            if q.flushing:
-                await q.flushed.wait()
-                continue
-            q.flushing = True
-            batch, q.items = q.items[: self._max_batch], q.items[self._max_batch :]
+        if q.leading:
+            item.wake = anyio.Event()
             try:
-                await self._run_in_thread(self._flush_all, batch)
-            finally:
-                q.flushing = False
-                flushed, q.flushed = q.flushed, anyio.Event()
-                flushed.set()
+                await item.wake.wait()
+            except BaseException:
+                # Cancelled while waiting: the write stays queued (it is flushed anyway, its
+                # outcome unknown to this caller). Nobody waits on it now, so it must not be
+                # handed the lead (the set event says so); a lead handed to us goes on.
+                item.wake.set()
+                if item.lead and not item.done:
+                    self._hand_over(q)
+                raise
+        else:
+            q.leading = True
+        if not item.done:  # we lead: flush the oldest writes until ours is among them
+            while True:
+                batch, q.items = q.items[: self._max_batch], q.items[self._max_batch :]
+                try:
+                    await self._run_in_thread(self._flush_all, batch)
+                except BaseException:  # cancelled: whatever is still queued needs a leader
+                    # Cancelled before the thread started: the batch was never written.
+                    q.items[:0] = [other for other in batch if not other.done]
+                    self._wake_done(batch)
+                    self._hand_over(q)
+                    raise
+                self._wake_done(batch)
+                if item.done:
+                    self._hand_over(q)  # only the leader hands over, once
+                    break
         if item.error is not None:
             raise item.error
         return item.result  # type: ignore[return-value]
+
+    @staticmethod
+    def _wake_done(batch: list[Pending[T]]) -> None:
+        for done in batch:
+            if done.done and done.wake is not None:
+                done.wake.set()
+
+    @staticmethod
+    def _hand_over(q: _Queue) -> None:
+        """Wake the oldest waiting write's caller to lead the next flush, or stop leading."""
+        for waiting in q.items:
+            if waiting.wake is not None and not waiting.wake.is_set():
+                waiting.lead = True
+                waiting.wake.set()
+                return
+        q.leading = False
 
     def _flush_all(self, batch: list[Pending[T]]) -> None:
         try:

@@ -1,0 +1,150 @@
+"""The write coalescer on its own: batching, one flush at a time, every caller answered once,
+cancelled callers never stalling the others. Its database use is covered by the storage tests."""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+import anyio
+import anyio.lowlevel
+import pytest
+
+from saga_storage.coalesce import Coalescer, Pending
+
+pytestmark = pytest.mark.anyio
+
+
+class Recorder:
+    """A flush that records its batches, answers each item with its argument doubled, and can
+    be slowed down or made to fail."""
+
+    def __init__(self, delay: float = 0.0, fail_on: int | None = None) -> None:
+        self.batches: list[list[int]] = []
+        self.delay = delay
+        self.fail_on = fail_on
+        self.running = 0
+        self.overlapped = False
+        self._lock = threading.Lock()
+
+    def flush(self, batch: list[Pending[int]]) -> None:
+        with self._lock:
+            self.running += 1
+            self.overlapped |= self.running > 1
+        try:
+            time.sleep(self.delay)
+            values = [item.args[0] for item in batch]
+            self.batches.append(values)
+            if self.fail_on is not None and self.fail_on in values:
+                raise RuntimeError(f"batch with {self.fail_on} failed")
+            for item in batch:
+                item.result = item.args[0] * 2
+                item.done = True
+        finally:
+            with self._lock:
+                self.running -= 1
+
+
+def make(recorder: Recorder, max_batch: int = 16) -> Coalescer[int]:
+    async def in_thread(fn: Any, *args: Any) -> Any:
+        return await anyio.to_thread.run_sync(fn, *args)
+
+    return Coalescer("test", recorder.flush, in_thread, max_batch=max_batch)
+
+
+async def test_every_caller_gets_its_own_result_from_one_flush_at_a_time() -> None:
+    rec = Recorder(delay=0.002)
+    co = make(rec)
+    results: dict[int, int] = {}
+
+    async def call(n: int) -> None:
+        results[n] = await co.submit(n)
+
+    with anyio.fail_after(30):
+        async with anyio.create_task_group() as tg:
+            for n in range(300):
+                tg.start_soon(call, n)
+    assert results == {n: 2 * n for n in range(300)}
+    flushed = [n for batch in rec.batches for n in batch]
+    assert sorted(flushed) == list(range(300))  # each write flushed exactly once
+    assert all(len(b) <= 16 for b in rec.batches)
+    assert len(rec.batches) < 300  # writes did share flushes
+    assert not rec.overlapped
+
+
+async def test_cancelled_waiters_do_not_stall_the_rest_and_are_still_written() -> None:
+    rec = Recorder(delay=0.01)
+    co = make(rec, max_batch=4)
+    results: dict[int, int] = {}
+    scopes: dict[int, anyio.CancelScope] = {}
+
+    async def call(n: int) -> None:
+        with anyio.CancelScope() as scope:
+            scopes[n] = scope
+            results[n] = await co.submit(n)
+
+    with anyio.fail_after(30):
+        async with anyio.create_task_group() as tg:
+            for n in range(40):
+                tg.start_soon(call, n)
+            await anyio.sleep(0.015)  # the first flush is running, the rest are queued
+            for n in range(1, 40, 2):
+                scopes[n].cancel()
+            await anyio.lowlevel.checkpoint()
+        # A later caller still gets through (and flushes anything left behind).
+        assert await co.submit(1000) == 2000
+    kept = {n for n in range(40) if n % 2 == 0 or n in results}
+    assert {n: results[n] for n in kept} == {n: 2 * n for n in kept}
+    flushed = [n for batch in rec.batches for n in batch]
+    assert sorted(flushed) == sorted([*range(40), 1000])  # cancelled ones written once too
+    assert not rec.overlapped
+
+
+async def test_a_leader_cancelled_during_its_flush_hands_the_lead_on() -> None:
+    rec = Recorder(delay=0.05)
+    co = make(rec, max_batch=1)
+    results: dict[int, int] = {}
+
+    async def leader() -> None:
+        with anyio.CancelScope() as scope:
+            leader_scope.append(scope)
+            await co.submit(0)
+
+    async def call(n: int) -> None:
+        results[n] = await co.submit(n)
+
+    leader_scope: list[anyio.CancelScope] = []
+    with anyio.fail_after(30):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(leader)
+            await anyio.sleep(0.01)
+            for n in range(1, 6):
+                tg.start_soon(call, n)
+            await anyio.sleep(0.01)
+            leader_scope[0].cancel()  # while its thread is flushing
+    assert results == {n: 2 * n for n in range(1, 6)}
+    assert sorted(n for b in rec.batches for n in b) == list(range(6))  # each written once
+
+
+async def test_a_failed_flush_fails_its_own_batch_only() -> None:
+    rec = Recorder(delay=0.005, fail_on=7)
+    co = make(rec, max_batch=5)
+    outcomes: dict[int, object] = {}
+
+    async def call(n: int) -> None:
+        try:
+            outcomes[n] = await co.submit(n)
+        except RuntimeError as exc:
+            outcomes[n] = exc
+
+    with anyio.fail_after(30):
+        async with anyio.create_task_group() as tg:
+            for n in range(20):
+                tg.start_soon(call, n)
+    failed_batch = next(b for b in rec.batches if 7 in b)
+    for n in range(20):
+        if n in failed_batch:
+            assert isinstance(outcomes[n], RuntimeError)
+        else:
+            assert outcomes[n] == 2 * n
