@@ -8,13 +8,12 @@ run acts on it, so a crash at any point leaves a record that recovery can contin
 from __future__ import annotations
 
 import sys
-import time
 from dataclasses import replace
 
 import anyio
 from anyio.abc import TaskGroup
 
-from saga_core.errors import ErrorRecord, LeaseLost, StorageError
+from saga_core.errors import ErrorRecord, LeaseLost
 from saga_core.records import SagaWrite
 from saga_core.states import SagaStatus, StepStatus
 
@@ -23,6 +22,7 @@ if sys.version_info < (3, 11):
 
 from saga_core._compensation import CompensationPhase
 from saga_core._forward import ForwardPhase
+from saga_core._leases import keep_lease
 from saga_core._run_base import (
     CANCELLED,
     COMPENSATION_FAILED,
@@ -30,7 +30,6 @@ from saga_core._run_base import (
     Failure,
     Limits,
     RunOutcome,
-    log,
 )
 
 __all__ = ["Limits", "RunOutcome", "SagaRun"]
@@ -73,29 +72,12 @@ class SagaRun(ForwardPhase, CompensationPhase):
 
         Without a successful renewal by ``lease_until - margin`` (measured on the monotonic
         clock from the last success), the run stops even if the database is unreachable: a
-        worker that cannot renew must assume another one takes over.
+        worker that cannot renew must assume another one takes over. Renewals are shared with
+        the other runs of this event loop (one statement for all that are due, see
+        ``saga_core._leases``); cancelling this task, as ``run`` does when it ends, unregisters.
         """
-        margin = self.lease_seconds / 4
-        trusted_until = time.monotonic() + self.lease_seconds - margin
-        while True:
-            await anyio.sleep(
-                min(self.lease_seconds / 3, max(0.01, trusted_until - time.monotonic()))
-            )
-            started = time.monotonic()
-            try:
-                held = await self.store.renew_leases(
-                    self.fence.owner, [self.fence], self.lease_seconds
-                )
-            except StorageError as exc:
-                if time.monotonic() >= trusted_until:
-                    log.warning("saga %s: cannot renew lease (%s)", self.saga_id, exc)
-                    self._lose()
-                    return
-                continue
-            if self.fence.saga_id not in held:
-                self._lose()
-                return
-            trusted_until = started + self.lease_seconds - margin
+        await keep_lease(self.store, self.fence, self.lease_seconds)
+        self._lose()
 
     def cancel(self) -> None:
         """Stop starting steps, cancel the ones in flight, and compensate."""

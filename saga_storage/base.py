@@ -42,7 +42,11 @@ class StorageBase:
         self.engine = engine
         self.tables: Tables = build_tables(prefix, schema)
         self.sql = Statements(
-            self.tables, now=self._now(), upsert_insert=self._insert, lock_claim=self._lock_claim
+            self.tables,
+            now=self._now(),
+            upsert_insert=self._insert,
+            lock_claim=self._lock_claim,
+            lock_in_order=self._lock_in_order,
         )
         #: Group concurrent saga writes into shared transactions (see saga_storage.coalesce).
         self.coalesce = True
@@ -71,6 +75,11 @@ class StorageBase:
 
     def _lock_claim(self, stmt: Select[Any]) -> Select[Any]:
         """Lock claimable rows so concurrent relays skip each other's."""
+        return stmt
+
+    def _lock_in_order(self, stmt: Select[Any]) -> Select[Any]:
+        """Lock the saga rows ``stmt`` selects in id order, as coalesced writes do (nothing to
+        do where the database locks as a whole)."""
         return stmt
 
     @contextlib.contextmanager

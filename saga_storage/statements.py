@@ -48,6 +48,7 @@ class Statements:
         now: ColumnElement[float],
         upsert_insert: Callable[[Any], Any],
         lock_claim: Callable[[Select[Any]], Select[Any]],
+        lock_in_order: Callable[[Select[Any]], Select[Any]] = lambda stmt: stmt,
     ) -> None:
         sagas, steps, outbox, okey = t.sagas, t.steps, t.outbox, t.outbox_key
 
@@ -175,12 +176,18 @@ class Statements:
         )
         # Renewal of every lease a worker holds, in one statement; what it does not return
         # was lost (another worker bumped the epoch).
-        self.renew_leases = (
-            update(sagas)
-            .where(
+        # Its rows are locked in saga id order first, as a coalesced batch of writes locks them:
+        # a plain UPDATE ... WHERE id IN locks in heap order (a seq or bitmap heap scan), so a
+        # renewal of many sagas would deadlock with a batch holding some of them.
+        renewing = lock_in_order(
+            select(sagas.c.id).where(
                 sagas.c.lease_owner == b("owner"),
                 sagas.c.id.in_(bindparam("b_ids", expanding=True)),
             )
+        )
+        self.renew_leases = (
+            update(sagas)
+            .where(sagas.c.id.in_(renewing.scalar_subquery()))
             .values(lease_until=now + b("lease"))
             .returning(sagas.c.id, sagas.c.lease_epoch)
         )
@@ -314,10 +321,28 @@ class Statements:
             .where(okey.c.key.in_(bindparam("b_keys", expanding=True)))
             .values(claim_token=b("token"), claimed_until=now + b("claim_seconds"))
         )
+        # The columns of an ``OutboxRecord``, in its field order: a claimed row becomes a record
+        # by position (the relay builds one per event). Not saga_id or sent_at. The claimed keys
+        # are named, not only their token (which no index has): the lookup then costs what was
+        # claimed, not a scan of every key or event ever stored.
         self.claimed_events = (
-            select(outbox)
+            select(
+                outbox.c.id,
+                outbox.c.event_id,
+                outbox.c.topic,
+                outbox.c.key,
+                outbox.c.seq,
+                outbox.c.event_type,
+                outbox.c.payload,
+                outbox.c.headers,
+                outbox.c.status,
+                outbox.c.attempts,
+                outbox.c.created_at,
+                outbox.c.last_error,
+            )
             .join(okey, okey.c.key == outbox.c.key)
             .where(
+                okey.c.key.in_(bindparam("b_keys", expanding=True)),
                 okey.c.claim_token == b("token"),
                 outbox.c.seq > okey.c.sent_seq,
                 outbox.c.seq <= okey.c.sent_seq + b("per_key"),

@@ -1,0 +1,482 @@
+"""Lease renewals shared by the runs of an event loop (saga_core._leases), on real storage.
+
+Every call of ``renew_leases`` is recorded by wrapping the storage's method; the renewal
+statements themselves are counted with a SQLAlchemy cursor event on every engine (on PostgreSQL
+renewals go through a dedicated engine, created on first use).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import anyio
+import pytest
+from sqlalchemy import event, update
+from sqlalchemy.engine import Engine
+
+from saga_core import (
+    DeclarativeSaga,
+    SagaOrchestrator,
+    SagaStatus,
+    SagaWorker,
+    StepContext,
+    _leases,
+    step,
+)
+from saga_core._leases import keep_lease
+from saga_core.errors import StorageError
+from saga_core.records import Fence, NewSaga
+from saga_storage import SqlStorage, create_storage
+from tests.engine.sagas import LOG, record
+
+pytestmark = pytest.mark.anyio
+
+#: When each saga's step saw itself cancelled (the run stopped acting), monotonic clock.
+STOPPED: dict[str, float] = {}
+
+#: The wrapper reads the clock a few microseconds after the keeper does when a call starts (and
+#: before it does when a call ends): comparisons between the two allow this much.
+SKEW = 0.002
+
+
+def _sid() -> str:
+    return f"l-{uuid.uuid4().hex[:10]}"
+
+
+class _Sleeper(DeclarativeSaga):
+    """One step that outlasts several leases, so its run must renew to finish."""
+
+    saga_type = "test-leases-sleeper"
+
+    @step()
+    async def slow(self, ctx: StepContext) -> dict[str, Any]:
+        record(ctx, "start")
+        try:
+            await anyio.sleep(ctx["seconds"])
+        except anyio.get_cancelled_exc_class():
+            STOPPED[ctx.saga_id] = time.monotonic()
+            raise
+        record(ctx, "do")
+        return {"slept": ctx["seconds"]}
+
+
+@dataclass
+class _Call:
+    owner: str
+    lease_seconds: float
+    ids: list[str]
+    started: float
+    ended: float | None = None
+    held: set[str] | None = None  # None: refused or still running
+
+
+class _Renewals:
+    """Records every ``renew_leases`` call of one storage; can refuse them (fault injection)."""
+
+    def __init__(self, storage: SqlStorage, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.calls: list[_Call] = []
+        self.refuse = False
+        #: Runs inside the call, before the database is asked (in the caller's task).
+        self.hook: Callable[[_Call], Awaitable[None]] | None = None
+        self._real = storage.renew_leases
+        monkeypatch.setattr(storage, "renew_leases", self._renew)
+
+    async def _renew(self, owner: str, fences: Sequence[Fence], lease_seconds: float) -> set[str]:
+        call = _Call(owner, lease_seconds, [f.saga_id for f in fences], time.monotonic())
+        self.calls.append(call)
+        if self.hook is not None:
+            await self.hook(call)
+        if self.refuse:
+            call.ended = time.monotonic()
+            raise StorageError("renewal refused (injected)")
+        held = await self._real(owner, fences, lease_seconds)
+        call.ended, call.held = time.monotonic(), held
+        return held
+
+    def trusted_until(self, saga_id: str, lease_seconds: float) -> float | None:
+        """When the saga's run may stop trusting its lease: start of its last successful
+        renewal plus three quarters of the lease (None if never renewed)."""
+        starts = [c.started for c in self.calls if c.held is not None and saga_id in c.held]
+        return max(starts) + lease_seconds * 3 / 4 if starts else None
+
+
+@pytest.fixture
+def renewal_statements() -> Iterator[list[str]]:
+    """Every lease renewal statement executed on any engine (the only UPDATE that sets just
+    ``lease_until``; claims, writes and releases set more)."""
+    seen: list[str] = []
+
+    def count(
+        conn: Any, cursor: Any, statement: str, params: Any, context: Any, many: bool
+    ) -> None:
+        if statement.startswith("UPDATE") and " SET lease_until=" in statement:
+            seen.append(statement)
+
+    event.listen(Engine, "before_cursor_execute", count)
+    try:
+        yield seen
+    finally:
+        event.remove(Engine, "before_cursor_execute", count)
+
+
+async def _leased(storage: SqlStorage, owner: str, lease_seconds: float) -> Fence:
+    d = _Sleeper.definition()
+    _, fence = await storage.create_saga(
+        NewSaga(_sid(), d.saga_type, d.version, {"seconds": 0}, d.step_names),
+        lease_owner=owner,
+        lease_seconds=lease_seconds,
+    )
+    assert fence is not None
+    return fence
+
+
+async def test_many_sagas_share_few_renewal_statements(
+    storage: SqlStorage, monkeypatch: pytest.MonkeyPatch, renewal_statements: list[str]
+) -> None:
+    """Sagas started at different moments, by two owners with different lease lengths, each
+    running a step of several leases: none loses its lease (a rival worker would take any that
+    expired), each owner's renewals go out in shared calls, and owners and lengths never mix."""
+    renewals = _Renewals(storage, monkeypatch)
+    leases = {"a": 0.6, "b": 0.9}
+    counts = {"a": 30, "b": 20}
+    orchs = {o: SagaOrchestrator(storage, owner=o, lease_seconds=s) for o, s in leases.items()}
+    seconds = 1.5  # 2.5 leases of "a", 5 renewal periods
+    rival = SagaWorker(storage, sagas=[_Sleeper], owner="rival", poll_interval=0.05)
+    owner_of: dict[str, str] = {}
+    results: dict[str, Any] = {}
+
+    async def one(owner: str) -> None:
+        sid = _sid()
+        owner_of[sid] = owner
+        results[sid] = await orchs[owner].execute(_Sleeper(), {"seconds": seconds}, saga_id=sid)
+
+    began = time.monotonic()
+    with anyio.fail_after(30):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(rival.run)
+            async with anyio.create_task_group() as sagas:
+                for i in range(max(counts.values())):
+                    for owner, n in counts.items():
+                        if i < n:
+                            sagas.start_soon(one, owner)
+                    await anyio.sleep(0.4 / max(counts.values()))  # spread over 8+ grid cells
+            rival.stop()
+    elapsed = time.monotonic() - began
+
+    assert len(results) == sum(counts.values())
+    for sid, result in results.items():
+        assert result["slept"] == seconds
+        state = await storage.load_saga(sid)
+        assert state.status == SagaStatus.COMPLETED
+        assert state.lease_epoch == 1  # never taken over
+        assert [k for k, s, _ in LOG[sid] if s == "slow"] == ["start", "do"]
+    assert not STOPPED.keys() & results.keys()
+
+    calls = renewals.calls
+    for n, c in enumerate(calls):  # one owner and one lease length per call
+        assert {owner_of[i] for i in c.ids} == {c.owner}
+        assert c.lease_seconds == leases[c.owner]
+        # Nothing lost. A saga may be missing only if its run had just released the lease
+        # (its final write commits a moment before the run unregisters): never again then.
+        assert c.held is not None
+        for sid in set(c.ids) - c.held:
+            assert all(sid not in later.ids for later in calls[n + 1 :])
+    assert len(renewal_statements) == len(calls)  # one statement per call
+    # Calls of one group start at least a grid cell (lease / 12) apart.
+    for owner, lease in leases.items():
+        mine = [c for c in calls if c.owner == owner]
+        assert len(mine) <= elapsed / (lease / 12) + 1
+    # What a keeper per saga would have needed: one statement per saga and renewal.
+    per_saga = sum(len(c.ids) for c in calls)
+    print(f"renewal statements: {len(calls)} for {per_saga} saga renewals")
+    assert per_saga >= sum(counts.values())  # every saga was renewed
+    assert len(calls) * 4 <= per_saga
+
+
+async def test_a_stolen_lease_stops_only_that_run(storage: SqlStorage) -> None:
+    """One saga taken over by another owner, one re-claimed under a new epoch: exactly those
+    runs stop, write nothing more and cancel their step; the others finish."""
+    orch = SagaOrchestrator(storage)
+    ids = [await orch.start(_Sleeper(), {"seconds": 1.5}, saga_id=_sid()) for _ in range(6)]
+    worker = SagaWorker(storage, sagas=[_Sleeper], owner="a", lease_seconds=0.6)
+    stolen, bumped, others = ids[0], ids[1], ids[2:]
+    sagas = storage.tables.sagas
+    with anyio.fail_after(30):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(worker.run_once)
+            while not all(("start", "slow", None) in LOG[s] for s in ids):
+                await anyio.sleep(0.01)
+            with storage.engine.begin() as conn:
+                conn.execute(
+                    update(sagas)
+                    .where(sagas.c.id == stolen)
+                    .values(lease_owner="thief", lease_epoch=sagas.c.lease_epoch + 1)
+                )
+                conn.execute(
+                    update(sagas)
+                    .where(sagas.c.id == bumped)
+                    .values(lease_epoch=sagas.c.lease_epoch + 1)
+                )
+            before = {s: await storage.load_saga(s) for s in (stolen, bumped)}
+    for sid in (stolen, bumped):
+        after = await storage.load_saga(sid)
+        assert after.status == SagaStatus.RUNNING
+        assert after.lease_epoch == 2
+        assert after.steps == before[sid].steps  # the run wrote nothing more
+        assert sid in STOPPED  # its step was cancelled
+        assert "do" not in [k for k, _, _ in LOG[sid]]
+    assert (await storage.load_saga(stolen)).lease_owner == "thief"
+    for sid in others:
+        state = await storage.load_saga(sid)
+        assert state.status == SagaStatus.COMPLETED
+        assert state.lease_epoch == 1
+        assert sid not in STOPPED
+
+
+async def test_refused_renewals_stop_runs_when_trust_ends_not_before(
+    storage: SqlStorage, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Once the database refuses renewals, runs go on until their lease can no longer be
+    trusted (start of the last successful renewal including them + lease - lease / 4), then
+    stop: not on the first refusal, not before."""
+    lease = 0.6
+    renewals = _Renewals(storage, monkeypatch)
+    orch = SagaOrchestrator(storage)
+    ids = [await orch.start(_Sleeper(), {"seconds": 5.0}, saga_id=_sid()) for _ in range(5)]
+    worker = SagaWorker(storage, sagas=[_Sleeper], owner="a", lease_seconds=lease)
+    with anyio.fail_after(30):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(worker.run_once)
+            # Refuse from the moment every run was renewed at least once.
+            while not all(renewals.trusted_until(s, lease) for s in ids):
+                await anyio.sleep(0.005)
+            renewals.refuse = True
+    refused = [c for c in renewals.calls if c.held is None]
+    for sid in ids:
+        trusted_until = renewals.trusted_until(sid, lease)
+        assert trusted_until is not None
+        assert STOPPED[sid] >= trusted_until - SKEW  # not before
+        # It was refused before its trust ended and went on; a refusal after made it stop.
+        mine = [c for c in refused if sid in c.ids]
+        assert any(c.started < trusted_until for c in mine)
+        assert any(c.ended is not None and c.ended >= trusted_until - SKEW for c in mine)
+        assert "do" not in [k for k, _, _ in LOG[sid]]
+        assert (await storage.load_saga(sid)).status == SagaStatus.RUNNING
+
+
+async def test_leases_taken_or_released_stop_only_their_holders(storage: SqlStorage) -> None:
+    """A renewal that finds one saga released, one re-claimed and one taken by another owner
+    stops exactly those three holders; the others stay renewed in the same calls."""
+    lease = 0.6
+    fences = [await _leased(storage, "o", lease) for _ in range(6)]
+    ended: dict[str, float] = {}
+    sagas = storage.tables.sagas
+
+    async def hold(fence: Fence) -> None:
+        await keep_lease(storage, fence, lease)
+        ended[fence.saga_id] = time.monotonic()
+
+    with anyio.fail_after(30):
+        async with anyio.create_task_group() as tg:
+            for f in fences:
+                tg.start_soon(hold, f)
+            await anyio.sleep(0.1)
+            await storage.release(fences[0])
+            with storage.engine.begin() as conn:
+                conn.execute(
+                    update(sagas)
+                    .where(sagas.c.id == fences[1].saga_id)
+                    .values(lease_epoch=sagas.c.lease_epoch + 1)
+                )
+                conn.execute(
+                    update(sagas)
+                    .where(sagas.c.id == fences[2].saga_id)
+                    .values(lease_owner="thief", lease_epoch=sagas.c.lease_epoch + 1)
+                )
+            while len(ended) < 3:
+                await anyio.sleep(0.01)
+            await anyio.sleep(3 * lease)  # the others keep renewing
+            tg.cancel_scope.cancel()
+    assert set(ended) == {f.saga_id for f in fences[:3]}
+    for f in fences[3:]:
+        state = await storage.load_saga(f.saga_id)
+        assert state.lease_owner == "o"
+        assert state.lease_epoch == f.epoch
+
+
+async def test_an_older_run_of_a_saga_is_not_renewed_by_the_newer_one(
+    storage: SqlStorage,
+) -> None:
+    """A run of a saga this owner has since claimed again (a newer epoch, another run here):
+    the answer of a renewal names sagas, not epochs, so the older run must learn it lost the
+    lease even when both are due together, and the newer one keeps it."""
+    lease = 0.6
+    old = await _leased(storage, "o", lease)
+    sagas = storage.tables.sagas
+    with storage.engine.begin() as conn:
+        conn.execute(
+            update(sagas).where(sagas.c.id == old.saga_id).values(lease_epoch=old.epoch + 1)
+        )
+    new = Fence(old.saga_id, "o", old.epoch + 1)
+    ended: list[Fence] = []
+
+    async def hold(fence: Fence) -> None:
+        await keep_lease(storage, fence, lease)
+        ended.append(fence)
+
+    with anyio.fail_after(30):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(hold, old)
+            tg.start_soon(hold, new)  # registered together: due in the same grid cell
+            await anyio.sleep(3 * lease)
+            tg.cancel_scope.cancel()
+    assert ended == [old]
+
+
+async def test_cancelling_the_leader_leaves_the_others_renewed(
+    storage: SqlStorage, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The run whose task leads a renewal is cancelled while the call is in flight: the call
+    still completes for everyone in it, the others go on renewing, and the cancelled run's
+    lease is never renewed again."""
+    lease = 0.6
+    renewals = _Renewals(storage, monkeypatch)
+    fences = [await _leased(storage, "o", lease) for _ in range(5)]
+    scopes: dict[str, anyio.CancelScope] = {}
+    task_of: dict[int, str] = {}
+    ended: list[str] = []
+    leader: list[str] = []
+
+    async def hold(fence: Fence) -> None:
+        task_of[anyio.get_current_task().id] = fence.saga_id
+        with anyio.CancelScope() as scopes[fence.saga_id]:
+            await keep_lease(storage, fence, lease)
+            ended.append(fence.saga_id)
+
+    async def cancel_leader(call: _Call) -> None:
+        if leader:
+            return
+        leader.append(task_of[anyio.get_current_task().id])
+        scopes[leader[0]].cancel()
+        await anyio.sleep(0.05)  # the leader's cancellation is pending during the call
+
+    renewals.hook = cancel_leader
+    with anyio.fail_after(30):
+        async with anyio.create_task_group() as tg:
+            for f in fences:
+                tg.start_soon(hold, f)
+            while not leader:
+                await anyio.sleep(0.01)
+            await anyio.sleep(3 * lease)
+            tg.cancel_scope.cancel()
+    first, later = renewals.calls[0], renewals.calls[1:]
+    assert first.held == {f.saga_id for f in fences}  # completed for all, leader included
+    assert later
+    assert all(leader[0] not in c.ids for c in later)  # unregistered
+    for f in fences:
+        if f.saga_id != leader[0]:
+            assert any(c.held and f.saga_id in c.held for c in later)
+    assert not ended  # nobody lost a lease
+
+
+async def test_a_large_batch_is_split_into_bounded_statements(
+    storage: SqlStorage, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """More fences due at once than one statement may carry go out in several calls of one
+    leader; every lease stays held."""
+    lease = 0.6
+    monkeypatch.setattr(_leases, "MAX_FENCES", 2)
+    renewals = _Renewals(storage, monkeypatch)
+    fences = [await _leased(storage, "o", lease) for _ in range(5)]
+    ended: list[str] = []
+
+    async def hold(fence: Fence) -> None:
+        await keep_lease(storage, fence, lease)
+        ended.append(fence.saga_id)
+
+    with anyio.fail_after(30):
+        async with anyio.create_task_group() as tg:
+            for f in fences:
+                tg.start_soon(hold, f)
+            await anyio.sleep(2 * lease)
+            tg.cancel_scope.cancel()
+    assert renewals.calls
+    assert all(len(c.ids) <= 2 for c in renewals.calls)
+    for c in renewals.calls:
+        assert c.held == set(c.ids)
+    for f in fences:
+        assert any(f.saga_id in c.ids for c in renewals.calls)
+    assert not ended
+
+
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+def test_event_loops_in_other_threads_keep_their_own_renewals(
+    storage: SqlStorage, backend: str
+) -> None:
+    """Per-loop state: sagas run by two event loops at once (as the sync facade's loop thread
+    next to an application's loop) each keep their short lease."""
+    results: dict[str, Any] = {}
+    errors: list[BaseException] = []
+
+    def run_one() -> None:
+        async def main() -> None:
+            sid = _sid()
+            orch = SagaOrchestrator(storage, lease_seconds=0.3)
+            results[sid] = await orch.execute(_Sleeper(), {"seconds": 0.8}, saga_id=sid)
+
+        try:
+            anyio.run(main, backend=backend)
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run_one) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert not errors
+    assert len(results) == 2
+    for sid in results:
+        assert results[sid]["slept"] == 0.8
+        assert anyio.run(storage.load_saga, sid).lease_epoch == 1
+
+
+def test_a_renewal_locks_its_sagas_in_id_order(pg_url: str) -> None:
+    """A renewal of many sagas must lock their rows in id order, as a coalesced batch of writes
+    does: locking in heap order, it would hold a row the batch wants next while it waits for
+    one the batch holds (a deadlock, detected only after a second)."""
+    storage = create_storage(pg_url)
+    try:
+        d = _Sleeper.definition()
+
+        async def create(sid: str) -> Fence:
+            new = NewSaga(sid, d.saga_type, d.version, {"seconds": 0}, d.step_names)
+            _, fence = await storage.create_saga(new, lease_owner="o", lease_seconds=30)
+            assert fence is not None
+            return fence
+
+        # Heap order b, a; id order a, b.
+        fb = anyio.run(create, "order-b")
+        fa = anyio.run(create, "order-a")
+        sagas = storage.tables.sagas
+        renewed: list[set[str]] = []
+        with storage.engine.connect() as writer:
+            # A batch of writes, in id order, has locked a and not yet b.
+            bump = update(sagas).values(version=sagas.c.version + 1)
+            writer.execute(bump.where(sagas.c.id == fa.saga_id))
+            renewal = threading.Thread(
+                target=lambda: renewed.append(anyio.run(storage.renew_leases, "o", [fa, fb], 30.0))
+            )
+            renewal.start()
+            time.sleep(0.3)  # the renewal waits for a (and, in id order, holds nothing)
+            writer.execute(bump.where(sagas.c.id == fb.saga_id))
+            writer.commit()
+            renewal.join(10)
+        assert renewed == [{fa.saga_id, fb.saga_id}]
+    finally:
+        storage.dispose()
