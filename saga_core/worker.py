@@ -115,18 +115,20 @@ class SagaWorker:
 
     async def run_until_signalled(self) -> None:
         """:meth:`run` until SIGINT or SIGTERM, then stop gracefully (for ``saga worker``)."""
-        async with anyio.create_task_group() as tg:
+        # The signals are caught before the first claim: a worker stopped as it starts still
+        # stops gracefully.
+        with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async with anyio.create_task_group() as tg:
 
-            async def watch_signals() -> None:
-                with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                async def watch_signals() -> None:
                     async for signum in signals:
                         log.info("received %s: stopping", signal.Signals(signum).name)
                         self.stop()
                         return
 
-            tg.start_soon(watch_signals)
-            await self.run()
-            tg.cancel_scope.cancel()
+                tg.start_soon(watch_signals)
+                await self.run()
+                tg.cancel_scope.cancel()
 
     async def run_once(self) -> int:
         """Claim what is claimable now, run it to its end, return how many sagas ran (tests,

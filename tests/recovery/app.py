@@ -797,9 +797,14 @@ def main(argv: list[str] | None = None) -> int:
         shutdown_grace=2.0,
         relay=False,
     )
-    print(f"worker {worker.owner} started (pid {os.getpid()})", flush=True)
+
+    async def serve() -> None:
+        # Printed where SIGTERM is handled gracefully from (the harness waits for this line).
+        print(f"worker {worker.owner} started (pid {os.getpid()})", flush=True)
+        await worker.run_until_signalled()
+
     try:
-        anyio.run(worker.run_until_signalled)
+        anyio.run(serve)
     finally:
         storage.dispose()
         for pool in (CONFIG.effects, CONFIG.store):

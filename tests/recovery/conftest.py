@@ -186,6 +186,14 @@ class Workers:
 
     def _terminate(self, slot: str) -> None:
         proc = self.procs[slot]
+        # A worker restarted a moment ago may still be importing: SIGTERM would kill it before
+        # it can stop gracefully, which is not what these tests check. Wait until it runs.
+        deadline = time.monotonic() + 30
+        started = f"started (pid {proc.pid})"
+        while proc.poll() is None and time.monotonic() < deadline:
+            if started in self.tail(slot, 200):
+                break
+            time.sleep(0.02)
         if proc.poll() is None and proc.pid not in self._termed:
             self._termed.add(proc.pid)
             proc.send_signal(signal.SIGTERM)
