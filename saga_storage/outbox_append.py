@@ -109,7 +109,7 @@ class OutboxAppender(StorageBase):
                 }
             )
         if not claim_keys:
-            conn.execute(self.sql.insert_events, rows)
+            self._execute_many(conn, self.sql.insert_events, rows)
             self._notify_outbox(conn)
             return []
         row_ids: dict[str, int] = dict(conn.execute(self.sql.insert_events_ids, rows).all())

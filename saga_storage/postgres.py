@@ -109,11 +109,11 @@ class PostgresStorage(SqlStorage):
             return super()._fence_all(conn, params)
         return self._executemany(conn, self.sql.fence_write, params, returning=True)
 
-    def _update_steps(self, conn: Connection, rows: Sequence[dict[str, Any]]) -> None:
+    def _execute_many(self, conn: Connection, stmt: Any, rows: Sequence[dict[str, Any]]) -> None:
         if len(rows) < 2:
-            super()._update_steps(conn, rows)
+            super()._execute_many(conn, stmt, rows)
         else:
-            self._executemany(conn, self.sql.update_step, rows)
+            self._executemany(conn, stmt, rows)
 
     def _executemany(
         self,

@@ -229,7 +229,7 @@ class SagaRepository(OutboxRepository):
             )
             outcomes.append((state, Fence(new.saga_id, owner, 1) if owner else None))
         if step_rows:
-            conn.execute(self.sql.insert_step, step_rows)
+            self._execute_many(conn, self.sql.insert_step, step_rows)
         return outcomes
 
     def _existing_or_conflict(
@@ -376,7 +376,7 @@ class SagaRepository(OutboxRepository):
                 for event in change.events:
                     claimer.setdefault(event.key, i)
         if step_rows:
-            self._update_steps(conn, step_rows)
+            self._execute_many(conn, self.sql.update_step, step_rows)
         if events:
             for claimed in self._append_many(conn, events, now, claim_keys=claimer.keys()):
                 outcome = outcomes[claimer[claimed.key]]
@@ -387,10 +387,6 @@ class SagaRepository(OutboxRepository):
     def _fence_all(self, conn: Connection, params: Sequence[dict[str, Any]]) -> list[bool]:
         """Run the fenced update of each write, in order; whether each matched its saga."""
         return [conn.execute(self.sql.fence_write, p).first() is not None for p in params]
-
-    def _update_steps(self, conn: Connection, rows: Sequence[dict[str, Any]]) -> None:
-        """Write whole step rows (one executemany)."""
-        conn.execute(self.sql.update_step, rows)
 
     def _fence_failure(
         self, conn: Connection, fence: Fence, change: SagaWrite, params: dict[str, Any]
