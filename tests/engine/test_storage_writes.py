@@ -4,6 +4,7 @@ writes, several events per write and per key in two statements."""
 from __future__ import annotations
 
 import uuid
+from typing import Any
 
 import anyio
 import pytest
@@ -122,17 +123,34 @@ async def test_events_of_several_keys_take_consecutive_sequences_in_two_statemen
     ]
     statements: list[str] = []
 
+    inside_many = False
+
     def count(conn: object, cursor: object, stmt: str, *args: object) -> None:
-        statements.append(stmt)
+        if not inside_many:
+            statements.append(stmt)
 
     with storage.engine.begin() as conn:
         storage.append_outbox(events[0], conn=conn)  # key 0 has one event already
+    # Statements go through SQLAlchemy or, batched, through the storage's own executemany.
+    execute_many = storage._execute_many
+
+    def counted_many(conn: Any, stmt: Any, rows: Any) -> None:
+        nonlocal inside_many
+        statements.append(str(stmt))
+        inside_many = True
+        try:
+            execute_many(conn, stmt, rows)
+        finally:
+            inside_many = False
+
+    storage._execute_many = counted_many  # type: ignore[method-assign]
     event.listen(storage.engine, "before_cursor_execute", count)
     try:
         with storage.engine.begin() as conn:
             storage.append_outbox_many(events[1:], conn=conn)
     finally:
         event.remove(storage.engine, "before_cursor_execute", count)
+        del storage._execute_many
     assert len([s for s in statements if s.lstrip().upper().startswith("INSERT")]) == 2
     out = storage.tables.outbox
     with storage.engine.connect() as conn:
