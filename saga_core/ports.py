@@ -145,8 +145,10 @@ class OutboxStore(Protocol):
         dead_after: int,
         follow: int = 0,
     ) -> list[ClaimedKey]:
-        """``complete_outbox`` for many claims ``(claim, sent, error)`` in one transaction;
-        returns the follow-up claims."""
+        """``complete_outbox`` for many claims ``(claim, sent, error)``; returns the follow-up
+        claims. As few transactions as can be without ever waiting for a lock while holding
+        another (a writer appending to several keys must not deadlock with it): all keys at
+        once, and one at a time only those a writer holds right then."""
         ...
 
     async def release_outbox(self, claim: ClaimedKey, *, retry_in: float) -> None:

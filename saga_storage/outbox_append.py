@@ -25,9 +25,6 @@ class OutboxAppender(StorageBase):
 
     #: How long an optimistic claim lasts; the relay takes the key over after that.
     optimistic_claim_seconds = 10.0
-    #: Whether a relay round completes all its keys in one transaction. Only where writers
-    #: are serialised anyway (SQLite): with row locks it could deadlock with a writer.
-    complete_round_in_one_transaction = False
 
     def append_outbox(
         self, event: OutboxEvent, *, conn: Connection, claim: bool = False

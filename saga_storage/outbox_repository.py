@@ -3,6 +3,7 @@ consumer inbox (DESIGN.md section 4). Appends are in ``outbox_append``."""
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
@@ -17,6 +18,8 @@ from saga_core.states import OutboxStatus
 from saga_storage.outbox_append import OutboxAppender
 
 T = TypeVar("T")
+#: A claim's publish result: the claim, events acknowledged, the error of the first refused.
+_Result = tuple[ClaimedKey, int, str | None]
 
 
 class OutboxRepository(OutboxAppender):
@@ -55,11 +58,12 @@ class OutboxRepository(OutboxAppender):
                 {"b_keys": keys, "b_token": token, "b_claim_seconds": claim_seconds},
             )
             rows = conn.execute(
-                self.sql.claimed_events, {"b_token": token, "b_per_key": max_events}
+                self.sql.claimed_events,
+                {"b_keys": keys, "b_token": token, "b_per_key": max_events},
             ).all()
         by_key: dict[str, list[OutboxRecord]] = {k: [] for k in keys}
-        for r in rows:
-            record = _record(r)
+        for row in rows:
+            record = _claimed(row)
             by_key[record.key].append(record)
         return [ClaimedKey(k, token, tuple(evs)) for k, evs in by_key.items()]
 
@@ -90,32 +94,82 @@ class OutboxRepository(OutboxAppender):
         dead_after: int,
         follow: int = 0,
     ) -> list[ClaimedKey]:
-        """``complete_outbox`` for a whole relay round in one transaction (keys in claim
-        order); returns the follow-up claims."""
+        """``complete_outbox`` for a whole relay round; returns the follow-up claims.
+
+        One transaction completes every key whose row it can lock at once; a key a writer holds
+        right now (or whose claim was taken over) is completed afterwards in its own
+        transaction, exactly as ``complete_outbox`` does.
+        """
         return await self._run(self._complete_many, results, retry_in, dead_after, follow)
 
     def _complete_many(
         self,
-        results: Sequence[tuple[ClaimedKey, int, str | None]],
+        results: Sequence[_Result],
         retry_in: float,
         dead_after: int,
         follow: int,
     ) -> list[ClaimedKey]:
-        follows: list[ClaimedKey] = []
-        if not self.complete_round_in_one_transaction:
-            # One key row per transaction: a writer appending to several keys locks them in
-            # its own order, so a relay transaction holding several could deadlock with it.
-            for claim, sent, error in results:
-                more = self._complete_outbox(claim, sent, error, retry_in, dead_after, follow)
-                if more is not None:
-                    follows.append(more)
-            return follows
-        with self._write() as conn:
-            for claim, sent, error in results:
-                more = self._complete_in(conn, claim, sent, error, retry_in, dead_after, follow)
-                if more is not None:
-                    follows.append(more)
+        if not results:
+            return []
+        follows, later = self._complete_round(results, retry_in, dead_after, follow)
+        for claim, sent, error in later:
+            # Alone in its transaction: waiting here for a writer's lock holds no other key.
+            more = self._complete_outbox(claim, sent, error, retry_in, dead_after, follow)
+            if more is not None:
+                follows.append(more)
         return follows
+
+    def _complete_round(
+        self,
+        results: Sequence[_Result],
+        retry_in: float,
+        dead_after: int,
+        follow: int,
+    ) -> tuple[list[ClaimedKey], list[_Result]]:
+        """Complete, in one transaction, the keys whose rows are free and still ours; returns
+        the follow-up claims and the results left for a transaction of their own."""
+        follows: list[ClaimedKey] = []
+        plain: list[tuple[ClaimedKey, int]] = []
+        later: list[_Result] = []
+        with self._write() as conn:
+            held = self._lock_claimed(conn, [claim for claim, _, _ in results])
+            for claim, sent, error in results:
+                if (claim.key, claim.token) not in held:
+                    later.append((claim, sent, error))
+                elif error is None and follow == 0 and claim.events:
+                    plain.append((claim, sent))
+                else:  # a refusal, a follow-up or nothing to send: rare, one key at a time
+                    more = self._complete_in(conn, claim, sent, error, retry_in, dead_after, follow)
+                    if more is not None:
+                        follows.append(more)
+            self._finish_plain(conn, plain)
+        return follows, later
+
+    def _lock_claimed(self, conn: Connection, claims: Sequence[ClaimedKey]) -> set[tuple[str, str]]:
+        """Lock the key rows of ``claims`` still carrying their token, never waiting for one a
+        writer holds (SKIP LOCKED); returns the (key, token) pairs locked."""
+        by_token: dict[str, list[str]] = {}
+        for claim in claims:
+            by_token.setdefault(claim.token, []).append(claim.key)
+        held: set[tuple[str, str]] = set()
+        for token, keys in by_token.items():  # a relay round has one token
+            rows = conn.execute(self.sql.lock_claimed, {"b_keys": keys, "b_token": token})
+            held.update((key, token) for key in rows.scalars())
+        return held
+
+    def _finish_plain(self, conn: Connection, plain: Sequence[tuple[ClaimedKey, int]]) -> None:
+        """Mark sent the events of keys whose events were all acknowledged, then advance and
+        release those keys: two set-based statements per claim token and number of events
+        sent (a relay round is usually one group). The key rows are locked and carry our
+        token, so no row count needs checking."""
+        groups: dict[tuple[str, int], list[str]] = {}
+        for claim, sent in plain:
+            groups.setdefault((claim.token, sent), []).append(claim.key)
+        now = time.time()
+        for (token, sent), keys in groups.items():
+            params = {"b_keys": keys, "b_token": token, "b_sent": sent}
+            conn.execute(self.sql.mark_sent_keys, {**params, "b_ts": now})
+            conn.execute(self.sql.finish_keys, params)
 
     def _complete_outbox(
         self,
@@ -201,12 +255,13 @@ class OutboxRepository(OutboxAppender):
             },
         )
         rows = conn.execute(
-            self.sql.claimed_events, {"b_token": claim.token, "b_per_key": follow}
+            self.sql.claimed_events,
+            {"b_keys": [claim.key], "b_token": claim.token, "b_per_key": follow},
         ).all()
         if not rows:
             conn.execute(self.sql.unclaim_key, {"b_key": claim.key, "b_token": claim.token})
             return None
-        return ClaimedKey(claim.key, claim.token, tuple(_record(r) for r in rows))
+        return ClaimedKey(claim.key, claim.token, tuple(_claimed(r) for r in rows))
 
     async def release_outbox(self, claim: ClaimedKey, *, retry_in: float) -> None:
         """Give a claimed key back untouched, retrying it after ``retry_in`` seconds."""
@@ -359,4 +414,29 @@ def _record(row: Row[Any]) -> OutboxRecord:
         attempts=m["attempts"],
         created_at=m["created_at"],
         last_error=m["last_error"],
+    )
+
+
+#: Status values to members, without an Enum call per row.
+_STATUS = {s.value: s for s in OutboxStatus}
+
+
+def _claimed(row: Sequence[Any]) -> OutboxRecord:
+    """A row of ``claimed_events`` as a record. That statement selects ``OutboxRecord``'s fields
+    in their order (a test checks it), so the record is built by position: the cheapest way,
+    for the thousand records of a relay round."""
+    id_, event_id, topic, key, seq, event_type, payload, headers, status, attempts, at, error = row
+    return OutboxRecord(
+        id_,
+        event_id,
+        topic,
+        key,
+        seq,
+        event_type,
+        payload,
+        json.loads(headers),
+        _STATUS[status],
+        attempts,
+        at,
+        error,
     )

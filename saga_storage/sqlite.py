@@ -70,8 +70,6 @@ class SqliteStorage(SqlStorage):
     so run one relay per file."""
 
     dialect = "sqlite"
-    # One writer at a time: a round's keys cannot deadlock with an application transaction.
-    complete_round_in_one_transaction = True
 
     def __init__(self, engine: Engine, *, prefix: str = "saga_", memory: bool = False) -> None:
         # An in-memory database is one shared connection: serialise everything on one thread.

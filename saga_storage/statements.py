@@ -359,6 +359,39 @@ class Statements:
                 next_attempt_at=now + b("retry_in"),
             )
         )
+        # Completing a relay round in one transaction: lock the round's key rows that still
+        # carry its claim token, skipping (SKIP LOCKED) those a writer holds. The relay then
+        # never waits for a lock while it holds others, so it cannot deadlock with a writer
+        # that appends to several keys; the skipped keys are completed one by one afterwards.
+        claimed_keys = and_(
+            okey.c.key.in_(bindparam("b_keys", expanding=True)),
+            okey.c.claim_token == b("token"),
+        )
+        self.lock_claimed = lock_claim(select(okey.c.key).where(claimed_keys))
+        # Then, set-based (a statement for many keys rather than one per key): mark sent the
+        # ``sent`` events of each key that follow its ``sent_seq``, then advance and release
+        # the keys. Both are relative to ``sent_seq``: nobody but the claim's holder moves it
+        # while the key is claimed, so it is still where the claim started.
+        self.mark_sent_keys = (
+            update(outbox)
+            .where(
+                outbox.c.key == okey.c.key,
+                claimed_keys,
+                outbox.c.seq > okey.c.sent_seq,
+                outbox.c.seq <= okey.c.sent_seq + b("sent"),
+            )
+            .values(status="SENT", sent_at=b("ts"))
+        )
+        self.finish_keys = (
+            update(okey)
+            .where(claimed_keys)
+            .values(
+                sent_seq=okey.c.sent_seq + b("sent"),
+                claim_token=None,
+                claimed_until=None,
+                next_attempt_at=now,
+            )
+        )
         # The optimistic publisher keeps its claim while more events of the key are committed.
         self.advance_claimed = (
             update(okey)
