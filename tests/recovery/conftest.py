@@ -191,7 +191,7 @@ class Workers:
         deadline = time.monotonic() + 30
         started = f"started (pid {proc.pid})"
         while proc.poll() is None and time.monotonic() < deadline:
-            if started in self.tail(slot, 200):
+            if started in self.log_path(slot).read_text(errors="replace"):
                 break
             time.sleep(0.02)
         if proc.poll() is None and proc.pid not in self._termed:
