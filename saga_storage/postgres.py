@@ -147,10 +147,7 @@ class PostgresStorage(SqlStorage):
             # report it as every storage failure is reported (the writers retry).
             if driver.closed or driver.broken:
                 conn.invalidate()
-            sqlstate = getattr(exc, "sqlstate", None) or "?"
-            raise StorageError(
-                f"postgresql storage failed ({sqlstate}): {type(exc).__name__}: {exc}"
-            ) from exc
+            raise _storage_error(exc) from exc
         if returning and len(found) != len(rows):  # one result per row, or we misread them
             raise StorageError(f"postgresql: {len(found)} results for {len(rows)} rows")
         return found
@@ -235,8 +232,10 @@ class PostgresStorage(SqlStorage):
         conn.execute(text(f"SET LOCAL statement_timeout = {int(seconds * 1000)}"))
 
     def _map_error(self, exc: sa_exc.DBAPIError) -> Exception:
-        orig = exc.orig
-        sqlstate = getattr(orig, "sqlstate", None) or "?"
-        return StorageError(
-            f"postgresql storage failed ({sqlstate}): {type(orig).__name__}: {orig}"
-        )
+        return _storage_error(exc.orig)
+
+
+def _storage_error(orig: BaseException | None) -> StorageError:
+    """A driver failure as our own error, with its SQLSTATE (no URL or secret in it)."""
+    sqlstate = getattr(orig, "sqlstate", None) or "?"
+    return StorageError(f"postgresql storage failed ({sqlstate}): {type(orig).__name__}: {orig}")

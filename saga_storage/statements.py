@@ -57,19 +57,6 @@ class Statements:
         self.select_steps = (
             select(steps).where(steps.c.saga_id == b("id")).order_by(steps.c.position)
         )
-        self.insert_saga = sagas.insert().values(
-            id=b("id"),
-            saga_type=b("saga_type"),
-            definition_hash=b("definition_hash"),
-            status=b("status"),
-            input=b("input"),
-            lease_owner=b("owner"),
-            lease_epoch=b("epoch"),
-            lease_until=now + b("lease"),
-            version=0,
-            created_at=b("ts"),
-            updated_at=b("ts"),
-        )
         # Creation in batches: one statement inserts every new saga; an id that exists already
         # is left alone (and read back by its creator), instead of failing the batch.
         self.insert_sagas = (
@@ -253,18 +240,10 @@ class Statements:
         )
 
         # --- outbox: append --------------------------------------------------------------------
-        # Taking the key's next sequence in the writer's transaction locks the key row, so a
-        # key's sequence is gap-free and equal to commit order (DESIGN.md section 4).
-        self.next_seq = (
-            upsert_insert(okey)
-            .values(key=b("key"), last_seq=1, sent_seq=0, blocked=False)
-            .on_conflict_do_update(
-                index_elements=[okey.c.key], set_={"last_seq": okey.c.last_seq + 1}
-            )
-            .returning(okey.c.last_seq)
-        )
-        # The same for ``n`` events of a key at once; executed for several keys in one
-        # statement, each key once (a row cannot be upserted twice by one statement).
+        # Taking a key's next ``n`` sequence numbers in the writer's transaction locks the key
+        # row, so a key's sequence is gap-free and equal to commit order (DESIGN.md section 4).
+        # Executed for several keys in one statement, each key once (a row cannot be upserted
+        # twice by one statement).
         upsert_n = upsert_insert(okey).values(
             key=b("key"), last_seq=b("n"), sent_seq=0, blocked=False
         )
@@ -285,7 +264,6 @@ class Statements:
             attempts=0,
             created_at=b("ts"),
         )
-        self.insert_event = self.insert_events.returning(outbox.c.id)
         self.insert_events_ids = self.insert_events.returning(outbox.c.event_id, outbox.c.id)
         self.event_exists = select(outbox.c.id).where(outbox.c.event_id == b("event_id"))
         # Optimistic publish: in the writer's transaction (which holds the key row since the

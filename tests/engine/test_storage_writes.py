@@ -13,7 +13,7 @@ from sqlalchemy import event, func, select, update
 from saga_core import LeaseLost, SagaConflict, SagaStatus, StepStatus
 from saga_core.events import OutboxEvent
 from saga_core.records import NewSaga, SagaWrite, StepState
-from saga_storage import SqlStorage
+from saga_storage import SqlStorage, create_storage
 
 pytestmark = pytest.mark.anyio
 
@@ -250,3 +250,45 @@ async def test_a_batch_of_writes_fails_exactly_the_writes_whose_fence_fails(
         if sid not in stolen and sid != retried:
             claims = results[sid]
             assert isinstance(claims, list) and [c.key for c in claims] == [sid]
+
+
+def test_writers_of_the_same_keys_in_any_order_do_not_deadlock(pg_url: str) -> None:
+    """Backs docs/outbox.md: ``append_outbox_many`` locks its keys in sorted order, so writers
+    that each append to the same keys, listed in different orders, queue instead of
+    deadlocking (PostgreSQL aborts one of two deadlocked transactions)."""
+    import random
+    import threading
+    import time
+
+    storage = create_storage(pg_url)
+    keys = [f"k{i}" for i in range(6)]
+    errors: list[BaseException] = []
+    per_writer, writers = 40, 4
+
+    def write(seed: int) -> None:
+        rng = random.Random(seed)
+        try:
+            for _ in range(per_writer):
+                order = rng.sample(keys, len(keys))
+                events = [OutboxEvent(event_type="t", payload={}, aggregate_id=k) for k in order]
+                with storage.engine.begin() as conn:
+                    storage.append_outbox_many(events, conn=conn)
+                    time.sleep(0.001)  # hold the key rows while the others queue
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=write, args=(n,)) for n in range(writers)]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        assert errors == []
+        out = storage.tables.outbox
+        with storage.engine.connect() as conn:
+            rows = conn.execute(select(out.c.key, out.c.seq)).all()
+        for key in keys:  # every append committed, each key gap-free
+            seqs = sorted(seq for k, seq in rows if k == key)
+            assert seqs == list(range(1, per_writer * writers + 1))
+    finally:
+        storage.dispose()
