@@ -1,9 +1,10 @@
 """Commit coalescing: concurrent saga writes share one transaction (group commit).
 
 Many sagas running at once each write small transactions; the commit (an fsync) dominates. The
-first writer that finds no flush running becomes the leader: it takes every write queued so far
-and applies them in one transaction, in queue order, each still starting with its own fenced
-update. Writers arriving meanwhile queue for the next flush. Every caller returns only after the
+first writer that finds nobody leading becomes the leader: it takes the writes queued so far (up
+to ``max_batch``) and applies them in one transaction, each still starting with its own fenced
+update. Writers arriving meanwhile queue; when the leader's own write is done it hands the lead
+to the oldest waiting writer, which flushes the next batch. Every caller returns only after the
 transaction holding its write committed, so durability is what it was; a write whose lease was
 lost fails alone (its fenced update matched no row, so it wrote nothing).
 """
