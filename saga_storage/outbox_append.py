@@ -81,9 +81,7 @@ class OutboxAppender(StorageBase):
         # Keys in one order for every batched writer, so two of them never deadlock on each
         # other's key rows. One upsert takes every key's next ``n`` sequence numbers.
         keys = sorted(counts)
-        last = dict(
-            conn.execute(self.sql.next_seqs, [{"b_key": k, "b_n": counts[k]} for k in keys]).all()
-        )
+        last = self._take_seqs(conn, keys, [counts[k] for k in keys])
         next_seq = {k: last[k] - counts[k] + 1 for k in keys}
         rows: list[dict[str, Any]] = []
         headers: list[dict[str, str]] = []
@@ -105,13 +103,28 @@ class OutboxAppender(StorageBase):
                     "b_ts": now,
                 }
             )
-        if not claim_keys:
-            self._execute_many(conn, self.sql.insert_events, rows)
-            self._notify_outbox(conn)
-            return []
-        row_ids: dict[str, int] = dict(conn.execute(self.sql.insert_events_ids, rows).all())
+        row_ids = self._insert_events(conn, rows, ids=bool(claim_keys))
         self._notify_outbox(conn)
+        if not claim_keys:
+            return []
         return self._claim_new(conn, rows, headers, row_ids, now, claim_keys)
+
+    def _take_seqs(
+        self, conn: Connection, keys: Sequence[str], counts: Sequence[int]
+    ) -> dict[str, int]:
+        """Each key's last sequence number after taking its next ``counts[i]``; the key rows
+        are locked in the order of ``keys``."""
+        params = [{"b_key": k, "b_n": n} for k, n in zip(keys, counts, strict=True)]
+        return dict(conn.execute(self.sql.next_seqs, params).all())
+
+    def _insert_events(
+        self, conn: Connection, rows: Sequence[dict[str, Any]], *, ids: bool
+    ) -> dict[str, int]:
+        """Insert the outbox ``rows``; with ``ids``, each row's id by event id."""
+        if ids:
+            return dict(conn.execute(self.sql.insert_events_ids, rows).all())
+        self._execute_many(conn, self.sql.insert_events, rows)
+        return {}
 
     def _claim_new(
         self,

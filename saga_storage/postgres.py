@@ -20,6 +20,7 @@ from sqlalchemy.sql.dml import Insert
 from sqlalchemy.sql.elements import ColumnElement
 
 from saga_core.errors import StorageError
+from saga_storage._pg_arrays import OUTBOX_ARRAY_COLUMNS, array_statements
 from saga_storage.repository import SqlStorage
 
 DEFAULT_POOL_SIZE = 10
@@ -83,6 +84,7 @@ class PostgresStorage(SqlStorage):
         self._listener: Any = None
         self._listen_limiter: RunVar[anyio.CapacityLimiter] = RunVar(f"saga_listen_{id(self)}")
         self._compiled_cache: dict[int, tuple[str, dict[str, Any], dict[str, Any]]] = {}
+        self._arrays = array_statements(engine, self.tables)
 
     @contextlib.contextmanager
     def _lease_write(self) -> Iterator[Connection]:
@@ -132,25 +134,34 @@ class PostgresStorage(SqlStorage):
         for name, process in processors.items():  # e.g. Boolean's check of its value
             for p in params:
                 p[name] = process(p[name])
-        driver = conn.connection.driver_connection
-        assert isinstance(driver, psycopg.Connection)
         found: list[bool] = []
-        try:
-            with driver.cursor() as cur:
-                cur.executemany(sql, params, returning=returning)
-                while returning:
-                    found.append(cur.fetchone() is not None)
-                    if not cur.nextset():
-                        break
-        except psycopg.Error as exc:
-            # Not seen by SQLAlchemy: drop the connection ourselves if it is broken, and
-            # report it as every storage failure is reported (the writers retry).
-            if driver.closed or driver.broken:
-                conn.invalidate()
-            raise _storage_error(exc) from exc
+        with _driver_cursor(conn) as cur:
+            cur.executemany(sql, params, returning=returning)
+            while returning:
+                found.append(cur.fetchone() is not None)
+                if not cur.nextset():
+                    break
         if returning and len(found) != len(rows):  # one result per row, or we misread them
             raise StorageError(f"postgresql: {len(found)} results for {len(rows)} rows")
         return found
+
+    def _take_seqs(
+        self, conn: Connection, keys: Sequence[str], counts: Sequence[int]
+    ) -> dict[str, int]:
+        with _driver_cursor(conn) as cur:
+            cur.execute(self._arrays.next_seqs, (list(keys), list(counts)))
+            return dict(cur.fetchall())
+
+    def _insert_events(
+        self, conn: Connection, rows: Sequence[dict[str, Any]], *, ids: bool
+    ) -> dict[str, int]:
+        arrays = [[r[f"b_{name}"] for r in rows] for name, _ in OUTBOX_ARRAY_COLUMNS]
+        with _driver_cursor(conn) as cur:
+            if not ids:
+                cur.execute(self._arrays.insert_events, (rows[0]["b_ts"], *arrays))
+                return {}
+            cur.execute(self._arrays.insert_events_ids, (rows[0]["b_ts"], *arrays))
+            return dict(cur.fetchall())
 
     def _compiled(self, stmt: Any) -> tuple[str, dict[str, Any], dict[str, Any]]:
         """``stmt``'s SQL for psycopg, the values of its own literals (``version + 1``) and
@@ -233,6 +244,23 @@ class PostgresStorage(SqlStorage):
 
     def _map_error(self, exc: sa_exc.DBAPIError) -> Exception:
         return _storage_error(exc.orig)
+
+
+@contextlib.contextmanager
+def _driver_cursor(conn: Connection) -> Iterator[psycopg.Cursor[Any]]:
+    """A cursor on the transaction's own psycopg connection, for statements SQLAlchemy would
+    slow down; failures are reported as SQLAlchemy's are."""
+    driver = conn.connection.driver_connection
+    assert isinstance(driver, psycopg.Connection)
+    try:
+        with driver.cursor() as cur:
+            yield cur
+    except psycopg.Error as exc:
+        # Not seen by SQLAlchemy: drop the connection ourselves if it is broken, and report
+        # it as every storage failure is reported (the writers retry).
+        if driver.closed or driver.broken:
+            conn.invalidate()
+        raise _storage_error(exc) from exc
 
 
 def _storage_error(orig: BaseException | None) -> StorageError:

@@ -3,7 +3,9 @@ writes, several events per write and per key in two statements."""
 
 from __future__ import annotations
 
+import contextlib
 import uuid
+from collections.abc import Iterator
 from typing import Any
 
 import anyio
@@ -22,6 +24,36 @@ STEPS = ("a", "b", "c")
 
 def _new(sid: str, amount: int = 1) -> NewSaga:
     return NewSaga(sid, "batched", "f" * 16, {"amount": amount}, STEPS, opened=("a",))
+
+
+@contextlib.contextmanager
+def _statements_sent(storage: SqlStorage, monkeypatch: pytest.MonkeyPatch) -> Iterator[list[str]]:
+    """Every statement sent to the database meanwhile (an ``executemany`` counts once): on
+    PostgreSQL counted on psycopg's cursor, which the storage also uses without SQLAlchemy."""
+    sent: list[str] = []
+    if storage.dialect == "postgresql":
+        import psycopg
+
+        for name in ("execute", "executemany"):
+            original = getattr(psycopg.Cursor, name)
+
+            def counted(self: Any, query: Any, *args: Any, _orig: Any = original, **kw: Any) -> Any:
+                sent.append(str(query))
+                return _orig(self, query, *args, **kw)
+
+            monkeypatch.setattr(psycopg.Cursor, name, counted)
+        yield sent
+        monkeypatch.undo()
+        return
+
+    def count(conn: object, cursor: object, stmt: str, *args: object) -> None:
+        sent.append(stmt)
+
+    event.listen(storage.engine, "before_cursor_execute", count)
+    try:
+        yield sent
+    finally:
+        event.remove(storage.engine, "before_cursor_execute", count)
 
 
 def _count_outbox(storage: SqlStorage) -> int:
@@ -113,7 +145,7 @@ async def test_a_retried_write_whose_first_try_committed_is_not_applied_twice(
 
 
 async def test_events_of_several_keys_take_consecutive_sequences_in_two_statements(
-    storage: SqlStorage,
+    storage: SqlStorage, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     keys = [f"k{i}-{uuid.uuid4().hex[:6]}" for i in range(4)]
     # Interleaved keys, in an order that is not the keys' sorted order.
@@ -121,37 +153,13 @@ async def test_events_of_several_keys_take_consecutive_sequences_in_two_statemen
         OutboxEvent(event_type="t", payload={"n": n}, aggregate_id=keys[(n * 3) % 4])
         for n in range(20)
     ]
-    statements: list[str] = []
-
-    inside_many = False
-
-    def count(conn: object, cursor: object, stmt: str, *args: object) -> None:
-        if not inside_many:
-            statements.append(stmt)
-
     with storage.engine.begin() as conn:
         storage.append_outbox(events[0], conn=conn)  # key 0 has one event already
-    # Statements go through SQLAlchemy or, batched, through the storage's own executemany.
-    execute_many = storage._execute_many
-
-    def counted_many(conn: Any, stmt: Any, rows: Any) -> None:
-        nonlocal inside_many
-        statements.append(str(stmt))
-        inside_many = True
-        try:
-            execute_many(conn, stmt, rows)
-        finally:
-            inside_many = False
-
-    storage._execute_many = counted_many  # type: ignore[method-assign]
-    event.listen(storage.engine, "before_cursor_execute", count)
-    try:
-        with storage.engine.begin() as conn:
-            storage.append_outbox_many(events[1:], conn=conn)
-    finally:
-        event.remove(storage.engine, "before_cursor_execute", count)
-        del storage._execute_many
-    assert len([s for s in statements if s.lstrip().upper().startswith("INSERT")]) == 2
+    with _statements_sent(storage, monkeypatch) as statements, storage.engine.begin() as conn:
+        storage.append_outbox_many(events[1:], conn=conn)
+    sent = [s for s in statements if not s.lstrip().upper().startswith("BEGIN")]
+    assert len(sent) == 2, sent
+    assert all(s.lstrip().upper().startswith("INSERT") for s in sent), sent
     out = storage.tables.outbox
     with storage.engine.connect() as conn:
         rows = conn.execute(select(out.c.key, out.c.seq, out.c.event_id).order_by(out.c.id)).all()
