@@ -227,11 +227,16 @@ def _add_results(messages: list[Message], reply: Any) -> list[BaseException | No
     return results
 
 
+# One encoder for every message: ``json.dumps`` with options builds a new one each time.
+_HEADERS = json.JSONEncoder(separators=(",", ":"))
+
+
 def _fields(message: Message) -> Any:
+    headers = message.headers
     return {
         "key": message.key.encode(),
         "value": message.value,
-        "headers": json.dumps(dict(message.headers), separators=(",", ":")).encode(),
+        "headers": _HEADERS.encode(headers if type(headers) is dict else dict(headers)).encode(),
     }
 
 

@@ -55,9 +55,13 @@ def check_json_object(value: object, what: str) -> dict[str, Any]:
     return data
 
 
+# One encoder for every call: ``json.dumps`` with options builds a new one each time.
+_CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"), allow_nan=False)
+
+
 def dumps(value: object) -> str:
     """Canonical JSON text (sorted keys, no NaN) so equal inputs compare equal as text."""
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), allow_nan=False)
+    return _CANONICAL.encode(value)
 
 
 def loads(text: str | bytes | None) -> Any:

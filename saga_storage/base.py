@@ -6,10 +6,10 @@ from __future__ import annotations
 import contextlib
 import functools
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar, TypeVar, cast
 
 import anyio
-from sqlalchemy import Connection, Engine, Select
+from sqlalchemy import Connection, Engine, Select, bindparam
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.sql.dml import Insert
 from sqlalchemy.sql.elements import ColumnElement
@@ -47,6 +47,7 @@ class StorageBase:
             upsert_insert=self._insert,
             lock_claim=self._lock_claim,
             lock_in_order=self._lock_in_order,
+            in_list=self._in_list,
         )
         #: Group concurrent saga writes into shared transactions (see saga_storage.coalesce).
         self.coalesce = True
@@ -81,6 +82,15 @@ class StorageBase:
         """Lock the saga rows ``stmt`` selects in id order, as coalesced writes do (nothing to
         do where the database locks as a whole)."""
         return stmt
+
+    def _fetch_all(self, conn: Connection, stmt: Any, params: dict[str, Any]) -> Sequence[Any]:
+        """Every row of ``stmt`` (a select of plain columns) as tuples; dialects may fetch
+        a large result faster than SQLAlchemy's rows."""
+        return conn.execute(stmt, params).all()
+
+    def _in_list(self, column: Any, name: str) -> ColumnElement[bool]:
+        """``column`` is one of the values of the list bound as ``name``."""
+        return cast("ColumnElement[bool]", column.in_(bindparam(name, expanding=True)))
 
     def _execute_many(self, conn: Connection, stmt: Any, rows: Sequence[dict[str, Any]]) -> None:
         """``stmt`` (no result rows) once per parameter set of ``rows``, in ``conn``'s

@@ -57,10 +57,11 @@ class OutboxRepository(OutboxAppender):
                 self.sql.claim_keys,
                 {"b_keys": keys, "b_token": token, "b_claim_seconds": claim_seconds},
             )
-            rows = conn.execute(
+            rows = self._fetch_all(
+                conn,
                 self.sql.claimed_events,
                 {"b_keys": keys, "b_token": token, "b_per_key": max_events},
-            ).all()
+            )
         by_key: dict[str, list[OutboxRecord]] = {k: [] for k in keys}
         for row in rows:
             record = _claimed(row)

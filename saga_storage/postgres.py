@@ -7,13 +7,24 @@ import contextlib
 import time
 import zlib
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import Any, cast
 
 import anyio
 import psycopg
 from anyio.lowlevel import RunVar
-from sqlalchemy import Connection, Engine, Select, create_engine, event, literal_column, text
+from sqlalchemy import (
+    Connection,
+    Engine,
+    Select,
+    any_,
+    bindparam,
+    create_engine,
+    event,
+    literal_column,
+    text,
+)
 from sqlalchemy import exc as sa_exc
+from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.engine import make_url
 from sqlalchemy.sql.dml import Insert
@@ -145,6 +156,17 @@ class PostgresStorage(SqlStorage):
             raise StorageError(f"postgresql: {len(found)} results for {len(rows)} rows")
         return found
 
+    def _fetch_all(self, conn: Connection, stmt: Any, params: dict[str, Any]) -> Sequence[Any]:
+        # A relay round reads a thousand rows: SQLAlchemy's per-row result processing would
+        # cost more than the query (the columns are plain text, integers and floats).
+        sql, defaults, processors = self._compiled(stmt)
+        values = {**defaults, **params}
+        for name, process in processors.items():
+            values[name] = process(values[name])
+        with _driver_cursor(conn) as cur:
+            cur.execute(sql, values)
+            return cur.fetchall()
+
     def _take_seqs(
         self, conn: Connection, keys: Sequence[str], counts: Sequence[int]
     ) -> dict[str, int]:
@@ -184,6 +206,13 @@ class PostgresStorage(SqlStorage):
 
     def _insert(self, table: Any) -> Insert:
         return pg_insert(table)
+
+    def _in_list(self, column: Any, name: str) -> ColumnElement[bool]:
+        # One array parameter instead of one per value: the statement's text is the same for
+        # any number of values, so the driver caches and prepares it.
+        return cast(
+            "ColumnElement[bool]", column == any_(bindparam(name, type_=ARRAY(column.type)))
+        )
 
     def _lock_claim(self, stmt: Select[Any]) -> Select[Any]:
         return stmt.with_for_update(skip_locked=True)

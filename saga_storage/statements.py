@@ -49,6 +49,9 @@ class Statements:
         upsert_insert: Callable[[Any], Any],
         lock_claim: Callable[[Select[Any]], Select[Any]],
         lock_in_order: Callable[[Select[Any]], Select[Any]] = lambda stmt: stmt,
+        in_list: Callable[[Any, str], ColumnElement[bool]] = (
+            lambda col, name: col.in_(bindparam(name, expanding=True))
+        ),
     ) -> None:
         sagas, steps, outbox, okey = t.sagas, t.steps, t.outbox, t.outbox_key
 
@@ -169,7 +172,7 @@ class Statements:
         renewing = lock_in_order(
             select(sagas.c.id).where(
                 sagas.c.lease_owner == b("owner"),
-                sagas.c.id.in_(bindparam("b_ids", expanding=True)),
+                in_list(sagas.c.id, "b_ids"),
             )
         )
         self.renew_leases = (
@@ -198,7 +201,7 @@ class Statements:
         )
         self.claim_sagas = (
             update(sagas)
-            .where(sagas.c.id.in_(bindparam("b_ids", expanding=True)))
+            .where(in_list(sagas.c.id, "b_ids"))
             .values(
                 lease_owner=b("owner"),
                 lease_epoch=sagas.c.lease_epoch + 1,
@@ -296,7 +299,7 @@ class Statements:
         )
         self.claim_keys = (
             update(okey)
-            .where(okey.c.key.in_(bindparam("b_keys", expanding=True)))
+            .where(in_list(okey.c.key, "b_keys"))
             .values(claim_token=b("token"), claimed_until=now + b("claim_seconds"))
         )
         # The columns of an ``OutboxRecord``, in its field order: a claimed row becomes a record
@@ -320,7 +323,7 @@ class Statements:
             )
             .join(okey, okey.c.key == outbox.c.key)
             .where(
-                okey.c.key.in_(bindparam("b_keys", expanding=True)),
+                in_list(okey.c.key, "b_keys"),
                 okey.c.claim_token == b("token"),
                 outbox.c.seq > okey.c.sent_seq,
                 outbox.c.seq <= okey.c.sent_seq + b("per_key"),
@@ -342,7 +345,7 @@ class Statements:
         # never waits for a lock while it holds others, so it cannot deadlock with a writer
         # that appends to several keys; the skipped keys are completed one by one afterwards.
         claimed_keys = and_(
-            okey.c.key.in_(bindparam("b_keys", expanding=True)),
+            in_list(okey.c.key, "b_keys"),
             okey.c.claim_token == b("token"),
         )
         self.lock_claimed = lock_claim(select(okey.c.key).where(claimed_keys))
@@ -441,9 +444,7 @@ class Statements:
             .where(outbox.c.status == "SENT", outbox.c.sent_at < b("before"))
             .limit(b("limit"))
         )
-        self.delete_events = outbox.delete().where(
-            outbox.c.id.in_(bindparam("b_ids", expanding=True))
-        )
+        self.delete_events = outbox.delete().where(in_list(outbox.c.id, "b_ids"))
 
         # --- inbox -----------------------------------------------------------------------------
         # The first insert of (consumer, message id) wins; a concurrent duplicate waits for it
