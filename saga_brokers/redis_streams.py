@@ -23,6 +23,7 @@ from redis.retry import Retry
 
 from saga_brokers._common import dead_letter_copy, fail_rest_of_key
 from saga_brokers._url import parse_url, redact_url
+from saga_core._stored_headers import StoredHeaders
 from saga_core.consumer import Delivery, default_consumer_name
 from saga_core.errors import BrokerError, BrokerUnavailable, PublishFailed
 from saga_core.events import Message
@@ -233,11 +234,11 @@ _HEADERS = json.JSONEncoder(separators=(",", ":"))
 
 def _fields(message: Message) -> Any:
     headers = message.headers
-    return {
-        "key": message.key.encode(),
-        "value": message.value,
-        "headers": _HEADERS.encode(headers if type(headers) is dict else dict(headers)).encode(),
-    }
+    if type(headers) is StoredHeaders:  # read from the outbox: sent as stored
+        text = headers.json
+    else:
+        text = _HEADERS.encode(headers if type(headers) is dict else dict(headers))
+    return {"key": message.key.encode(), "value": message.value, "headers": text.encode()}
 
 
 def _message(topic: str, fields: dict[bytes, bytes]) -> Message:

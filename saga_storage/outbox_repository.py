@@ -3,7 +3,6 @@ consumer inbox (DESIGN.md section 4). Appends are in ``outbox_append``."""
 
 from __future__ import annotations
 
-import json
 import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
@@ -13,6 +12,7 @@ from sqlalchemy import Connection
 from sqlalchemy.engine import Row
 
 from saga_core._json import loads
+from saga_core._stored_headers import StoredHeaders
 from saga_core.records import ClaimedKey, OutboxRecord, OutboxStats
 from saga_core.states import OutboxStatus
 from saga_storage.outbox_append import OutboxAppender
@@ -435,7 +435,7 @@ def _claimed(row: Sequence[Any]) -> OutboxRecord:
         seq,
         event_type,
         payload,
-        json.loads(headers),
+        StoredHeaders(headers),
         _STATUS[status],
         attempts,
         at,

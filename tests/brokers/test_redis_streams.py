@@ -8,6 +8,9 @@ from typing import Any
 import pytest
 import redis
 
+from saga_core._json import dumps
+from saga_core._stored_headers import StoredHeaders
+from saga_core.events import Message
 from tests.brokers.conftest import REDIS, Names, _delete_redis_keys
 from tests.brokers.helpers import message, open_broker, open_consumer, receive_n
 from tests.support.services import require_server
@@ -74,3 +77,22 @@ async def test_entries_are_plain_fields(names: Names, client: redis.Redis) -> No
     assert fields[b"key"] == b"order-7"
     assert fields[b"value"] == m.value
     assert b'"event_id"' in fields[b"headers"]
+
+
+async def test_headers_read_from_the_outbox_are_sent_as_stored(
+    names: Names, client: redis.Redis
+) -> None:
+    """The relay's headers keep the JSON text they were stored as; Redis gets that text (not a
+    re-encoding), and a consumer reads back the same headers."""
+    topic, group = names.topic(), names.group()
+    m = message(topic, "order-8", 2, region="eu-west", note='quote " and ünïcode')
+    stored = StoredHeaders(dumps(m.headers))
+    assert stored == m.headers and isinstance(stored, dict)
+    relayed = Message(m.topic, m.key, m.value, stored)
+    url = "redis://127.0.0.1:6379/0?timeout=3"
+    async with open_broker(url) as broker, open_consumer(broker, [topic], group) as consumer:
+        await broker.publish([relayed])
+        (got,) = await receive_n(consumer, 1)
+    ((_, fields),) = client.xrange(topic)  # type: ignore[misc]
+    assert fields[b"headers"] == stored.json.encode()
+    assert dict(got.message.headers) == dict(m.headers)
