@@ -64,7 +64,7 @@ class OutboxSizes:
         return min(self.events, BATCH_KEYS * min(self.per_key, BATCH_EVENTS))
 
 
-QUICK_OUTBOX = OutboxSizes(events=2_000, latency_events=100)
+QUICK_OUTBOX = OutboxSizes(events=5_000, latency_events=100)
 FULL_OUTBOX = OutboxSizes()
 
 
