@@ -284,6 +284,9 @@ def _driver_cursor(conn: Connection) -> Iterator[psycopg.Cursor[Any]]:
     try:
         with driver.cursor() as cur:
             yield cur
+    except psycopg.IntegrityError as exc:
+        # As SQLAlchemy reports it, on either dialect: e.g. an event id stored already.
+        raise sa_exc.IntegrityError("(batched statement)", None, exc) from exc
     except psycopg.Error as exc:
         # Not seen by SQLAlchemy: drop the connection ourselves if it is broken, and report
         # it as every storage failure is reported (the writers retry).

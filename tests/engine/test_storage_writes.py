@@ -11,6 +11,7 @@ from typing import Any
 import anyio
 import pytest
 from sqlalchemy import event, func, select, update
+from sqlalchemy import exc as sa_exc
 
 from saga_core import LeaseLost, SagaConflict, SagaStatus, StepStatus
 from saga_core.events import OutboxEvent
@@ -300,3 +301,19 @@ def test_writers_of_the_same_keys_in_any_order_do_not_deadlock(pg_url: str) -> N
             assert seqs == list(range(1, per_writer * writers + 1))
     finally:
         storage.dispose()
+
+
+async def test_an_event_id_stored_already_is_refused_alike_on_every_dialect(
+    storage: SqlStorage,
+) -> None:
+    """Appending an event whose id is stored fails with SQLAlchemy's ``IntegrityError``, alone
+    or in a batch, and the application transaction writes nothing."""
+    first = OutboxEvent(event_type="t", payload={}, aggregate_id=f"k-{uuid.uuid4().hex[:6]}")
+    with storage.engine.begin() as conn:
+        storage.append_outbox(first, conn=conn)
+    other = OutboxEvent(event_type="t", payload={}, aggregate_id=f"j-{uuid.uuid4().hex[:6]}")
+    with pytest.raises(sa_exc.IntegrityError), storage.engine.begin() as conn:
+        storage.append_outbox(first, conn=conn)
+    with pytest.raises(sa_exc.IntegrityError), storage.engine.begin() as conn:
+        storage.append_outbox_many([other, first], conn=conn)
+    assert _count_outbox(storage) == 1
