@@ -19,6 +19,7 @@ messages.
 from __future__ import annotations
 
 import math
+import statistics
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -57,6 +58,9 @@ class OutboxSizes:
     commit_batch: int = 100
     latency_events: int = 500
     latency_gap: float = 0.005
+    #: Times each relay case runs (a fresh schema or file each time, ours then its baselines):
+    #: rates are the median over them, ratios the median of each run's own ratio.
+    repeats: int = 3
 
     @property
     def round_size(self) -> int:
@@ -64,7 +68,7 @@ class OutboxSizes:
         return min(self.events, BATCH_KEYS * min(self.per_key, BATCH_EVENTS))
 
 
-QUICK_OUTBOX = OutboxSizes(events=5_000, latency_events=100)
+QUICK_OUTBOX = OutboxSizes(events=5_000, latency_events=100, repeats=3)
 FULL_OUTBOX = OutboxSizes()
 
 
@@ -109,9 +113,48 @@ async def _prepare_topic(target: BrokerTarget, topic: str) -> None:
 
 
 async def relay_case(storage_kind: str, target: BrokerTarget, sizes: OutboxSizes) -> dict[str, Any]:
-    """Commit then relay ``sizes.events`` events; with both baselines of this case."""
-    with fresh_database(storage_kind) as db:
-        return await _relay_case(db, target, sizes)
+    """Commit then relay ``sizes.events`` events, with both baselines of this case measured
+    right after; ``sizes.repeats`` times, combined by :func:`combine_runs`."""
+    runs = []
+    for _ in range(max(1, sizes.repeats)):
+        with fresh_database(storage_kind) as db:
+            runs.append(await _relay_case(db, target, sizes))
+    return combine_runs(runs)
+
+
+#: Ratios of a run to its own baselines, measured back to back: combined as the median of the
+#: runs' ratios (not as a ratio of medians, which would pair numbers of different runs).
+RATIOS = ("relay_vs_raw_broker", "e2e_vs_raw_db", "e2e_vs_lower_baseline")
+
+
+def combine_runs(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """One result for several runs of a case: numbers are medians, checks must hold in every
+    run, and ``spread`` keeps each ratio's lowest and highest run."""
+    combined = _median_of(runs)
+    combined["consistent"] = all(r["consistent"] for r in runs)
+    orders = [r["keys_in_order"] for r in runs]
+    combined["keys_in_order"] = None if None in orders else all(orders)
+    combined["runs"] = len(runs)
+    # The counts of every run, so that a median can never hide an event lost in one of them.
+    combined["counts_per_run"] = [{k: r[k] for k in _COUNTS} for r in runs]
+    combined["spread"] = {k: [min(r[k] for r in runs), max(r[k] for r in runs)] for k in RATIOS}
+    return combined
+
+
+_COUNTS = ("relayed", "sent", "pending", "dead", "on_broker", "keys_in_order", "consistent")
+
+
+def _median_of(items: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, first in items[0].items():
+        values = [item[key] for item in items]
+        if isinstance(first, dict):
+            out[key] = _median_of(values)
+        elif isinstance(first, (int, float)) and not isinstance(first, bool):
+            out[key] = statistics.median(values)
+        else:
+            out[key] = first
+    return out
 
 
 async def _relay_case(db: Database, target: BrokerTarget, sizes: OutboxSizes) -> dict[str, Any]:

@@ -24,7 +24,7 @@ from tests.support.services import IN_CI, port_open, require_server
 pytestmark = pytest.mark.slow
 
 TINY_OUTBOX = OutboxSizes(
-    events=60, per_key=4, commit_batch=16, latency_events=8, latency_gap=0.001
+    events=60, per_key=4, commit_batch=16, latency_events=8, latency_gap=0.001, repeats=2
 )
 TINY_SAGA = SagaSizes(sequential=3, concurrent={"3-step": 12, "10-step fan-out": 4})
 
@@ -63,12 +63,17 @@ def test_outbox_and_saga_suites_run_and_add_up(tmp_path: Path) -> None:
     }
     for r in relays:
         # Every committed event relayed once, marked sent, and present on the broker exactly
-        # once (on the memory broker, each key's events in commit order too).
-        assert r["relayed"] == r["sent"] == TINY_OUTBOX.events, r
-        assert r["pending"] == 0 and r["dead"] == 0, r
-        assert r["on_broker"] == TINY_OUTBOX.events, r
-        assert r["keys_in_order"] is (True if r["broker"] == "memory" else None), r
+        # once (on the memory broker, each key's events in commit order too), in every run.
+        assert r["runs"] == len(r["counts_per_run"]) == TINY_OUTBOX.repeats, r
+        for run in r["counts_per_run"]:
+            assert run["relayed"] == run["sent"] == TINY_OUTBOX.events, r
+            assert run["pending"] == 0 and run["dead"] == 0, r
+            assert run["on_broker"] == TINY_OUTBOX.events, r
+            assert run["keys_in_order"] is (True if r["broker"] == "memory" else None), r
+            assert run["consistent"] is True, r
         assert r["consistent"] is True
+        for ratio, (low, high) in r["spread"].items():
+            assert low <= r[ratio] <= high, (ratio, r)
         assert r["relay_rate"] > 0 and r["commit_rate"] > 0
         # Both baselines measured in the same case, on the same number of messages.
         assert r["raw_broker"]["messages"] == TINY_OUTBOX.events
