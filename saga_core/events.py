@@ -10,7 +10,7 @@ from typing import Any
 from saga_core._json import check_json, dumps
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class OutboxEvent:
     """An event to publish, written in the same transaction as the state change it announces.
 
@@ -82,7 +82,7 @@ class OutboxEvent:
         return dumps(self.payload)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Message:
     """One message as handed to a broker adapter, or received from one.
 

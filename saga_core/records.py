@@ -20,7 +20,7 @@ def _dt(ts: float | None) -> datetime | None:
     return None if ts is None else datetime.fromtimestamp(ts, tz=timezone.utc)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class StepState:
     """One step of one saga as stored.
 
@@ -52,7 +52,7 @@ class StepState:
         return _dt(self.finished_at)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class SagaState:
     """A saga as stored: what ``orchestrator.get(saga_id)`` returns.
 
@@ -89,7 +89,7 @@ class SagaState:
         return datetime.fromtimestamp(self.updated_at, tz=timezone.utc)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class NewSaga:
     """A saga about to be inserted, with one PENDING row per step, except the steps in
     ``opened``, whose first attempt is recorded right away when the saga is leased to its
@@ -103,7 +103,7 @@ class NewSaga:
     opened: tuple[str, ...] = ()
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Fence:
     """Proof of ownership: every write for a saga is guarded by its owner and lease epoch."""
 
@@ -112,7 +112,7 @@ class Fence:
     epoch: int
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class SagaWrite:
     """One atomic change for one saga: optional saga status, whole step rows, outbox events.
 
@@ -134,7 +134,7 @@ class SagaWrite:
     wake_in: float | None = None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class OutboxRecord:
     """One stored outbox event."""
 
@@ -152,7 +152,7 @@ class OutboxRecord:
     last_error: str | None = None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ClaimedKey:
     """A key the relay owns for a while, with its next events in sequence order."""
 
@@ -161,7 +161,7 @@ class ClaimedKey:
     events: tuple[OutboxRecord, ...]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class OutboxStats:
     """What ``saga outbox stats`` shows."""
 
