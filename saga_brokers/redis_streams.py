@@ -185,8 +185,7 @@ class RedisStreamsBroker:
     def _publish(self, messages: list[Message]) -> list[BaseException | None]:
         args: list[Any] = []
         for m in messages:
-            fields = _fields(m)
-            args += [fields["key"], fields["value"], fields["headers"]]
+            args += _fields(m)
         pipe = self._client.pipeline(transaction=False)
         self._add(keys=[m.topic for m in messages], args=args, client=pipe)
         topics = list(dict.fromkeys(m.topic for m in messages))
@@ -214,10 +213,11 @@ def _add_results(messages: list[Message], reply: Any) -> list[BaseException | No
     first_failure: dict[str, str] = {}
     for m, status in zip(messages, reply, strict=True):
         text = _text(status)
-        event = m.headers.get("event_id", "?")
         if text == "ok":
             results.append(None)
-        elif text == "skip":
+            continue
+        event = m.headers.get("event_id", "?")
+        if text == "skip":
             earlier = first_failure.get(m.key, "?")
             results.append(
                 PublishFailed(f"not sent: event {earlier} of the same key failed before it")
@@ -228,17 +228,21 @@ def _add_results(messages: list[Message], reply: Any) -> list[BaseException | No
     return results
 
 
+#: An entry's fields, in the order ``_fields`` returns them and the publish script adds them.
+_FIELD_NAMES = ("key", "value", "headers")
+
 # One encoder for every message: ``json.dumps`` with options builds a new one each time.
 _HEADERS = json.JSONEncoder(separators=(",", ":"))
 
 
-def _fields(message: Message) -> Any:
+def _fields(message: Message) -> tuple[bytes, bytes, bytes]:
+    """The entry's ``key``, ``value`` and ``headers`` fields, in the script's order."""
     headers = message.headers
     if type(headers) is StoredHeaders:  # read from the outbox: sent as stored
         text = headers.json
     else:
         text = _HEADERS.encode(headers if type(headers) is dict else dict(headers))
-    return {"key": message.key.encode(), "value": message.value, "headers": text.encode()}
+    return message.key.encode(), message.value, text.encode()
 
 
 def _message(topic: str, fields: dict[bytes, bytes]) -> Message:
@@ -318,7 +322,7 @@ class RedisStreamsConsumer:
 
         def move() -> None:
             pipe = self._client.pipeline(transaction=True)
-            pipe.xadd(copy.topic, _fields(copy))
+            pipe.xadd(copy.topic, dict(zip(_FIELD_NAMES, _fields(copy), strict=True)))
             pipe.xack(topic, self.group, entry_id)
             pipe.execute()
 
