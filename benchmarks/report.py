@@ -312,7 +312,7 @@ def targets_table(targets: Sequence[Row]) -> str:
 
 # --- targets ------------------------------------------------------------------------------
 def _spread(r: Row, ratio: str) -> str:
-    """`` (runs 61-83%)`` for a case run several times, else nothing."""
+    """`` (median of 3: 61%-83%)`` for a case run several times, else nothing."""
     low_high = r.get("spread", {}).get(ratio)
     if not low_high or r.get("runs", 1) < 2:
         return ""

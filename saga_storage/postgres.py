@@ -140,11 +140,7 @@ class PostgresStorage(SqlStorage):
         one pipelined round trip, without SQLAlchemy's per-row work (the parameters are already
         plain values under their bind names). With ``returning``, whether each returned a row.
         """
-        sql, defaults, processors = self._compiled(stmt)
-        params = [{**defaults, **r} for r in rows]
-        for name, process in processors.items():  # e.g. Boolean's check of its value
-            for p in params:
-                p[name] = process(p[name])
+        sql, params = self._driver_params(stmt, rows)
         found: list[bool] = []
         with _driver_cursor(conn) as cur:
             cur.executemany(sql, params, returning=returning)
@@ -159,10 +155,7 @@ class PostgresStorage(SqlStorage):
     def _fetch_all(self, conn: Connection, stmt: Any, params: dict[str, Any]) -> Sequence[Any]:
         # A relay round reads a thousand rows: SQLAlchemy's per-row result processing would
         # cost more than the query (the columns are plain text, integers and floats).
-        sql, defaults, processors = self._compiled(stmt)
-        values = {**defaults, **params}
-        for name, process in processors.items():
-            values[name] = process(values[name])
+        sql, (values,) = self._driver_params(stmt, [params])
         with _driver_cursor(conn) as cur:
             cur.execute(sql, values)
             return cur.fetchall()
@@ -184,6 +177,18 @@ class PostgresStorage(SqlStorage):
                 return {}
             cur.execute(self._arrays.insert_events_ids, (rows[0]["b_ts"], *arrays))
             return dict(cur.fetchall())
+
+    def _driver_params(
+        self, stmt: Any, rows: Sequence[dict[str, Any]]
+    ) -> tuple[str, list[dict[str, Any]]]:
+        """``stmt``'s SQL for psycopg and each parameter set of ``rows`` as psycopg takes it:
+        the statement's own literals added, each value through its type's bind processor."""
+        sql, defaults, processors = self._compiled(stmt)
+        params = [{**defaults, **r} for r in rows]
+        for name, process in processors.items():  # e.g. Boolean's check of its value
+            for p in params:
+                p[name] = process(p[name])
+        return sql, params
 
     def _compiled(self, stmt: Any) -> tuple[str, dict[str, Any], dict[str, Any]]:
         """``stmt``'s SQL for psycopg, the values of its own literals (``version + 1``) and

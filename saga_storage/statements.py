@@ -48,10 +48,8 @@ class Statements:
         now: ColumnElement[float],
         upsert_insert: Callable[[Any], Any],
         lock_claim: Callable[[Select[Any]], Select[Any]],
+        in_list: Callable[[Any, str], ColumnElement[bool]],
         lock_in_order: Callable[[Select[Any]], Select[Any]] = lambda stmt: stmt,
-        in_list: Callable[[Any, str], ColumnElement[bool]] = (
-            lambda col, name: col.in_(bindparam(name, expanding=True))
-        ),
     ) -> None:
         sagas, steps, outbox, okey = t.sagas, t.steps, t.outbox, t.outbox_key
 

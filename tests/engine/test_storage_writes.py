@@ -14,6 +14,7 @@ from sqlalchemy import event, func, select, update
 from sqlalchemy import exc as sa_exc
 
 from saga_core import LeaseLost, SagaConflict, SagaStatus, StepStatus
+from saga_core._stored_headers import StoredHeaders
 from saga_core.events import OutboxEvent
 from saga_core.records import NewSaga, SagaWrite, StepState
 from saga_storage import SqlStorage, create_storage
@@ -317,3 +318,52 @@ async def test_an_event_id_stored_already_is_refused_alike_on_every_dialect(
     with pytest.raises(sa_exc.IntegrityError), storage.engine.begin() as conn:
         storage.append_outbox_many([other, first], conn=conn)
     assert _count_outbox(storage) == 1
+
+
+async def test_statements_over_key_lists_have_one_text_for_any_number_of_keys(
+    pg_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Backs docs/configuration.md: on PostgreSQL a list of keys is one array parameter, so a
+    relay claim and its completion send the same SQL text for 1 key as for 5 (psycopg then
+    caches and prepares them), where one parameter per key would change the text."""
+    storage = create_storage(pg_url)
+    try:
+        texts: list[list[str]] = []
+        for n in (1, 5):
+            events = [
+                OutboxEvent(event_type="t", payload={}, aggregate_id=f"k{n}-{i}") for i in range(n)
+            ]
+            with storage.engine.begin() as conn:
+                storage.append_outbox_many(events, conn=conn)
+            with _statements_sent(storage, monkeypatch) as sent:
+                claims = await storage.claim_outbox(
+                    "relay", max_keys=100, max_events=10, claim_seconds=30
+                )
+                await storage.complete_outbox_many(
+                    [(c, len(c.events), None) for c in claims], retry_in=0.0, dead_after=3
+                )
+            assert sorted(c.key for c in claims) == sorted(e.key for e in events)
+            texts.append(sent)
+        assert len(texts[0]) >= 4 and texts[0] == texts[1]
+        assert any("ANY" in t for t in texts[0]), texts[0]
+    finally:
+        storage.dispose()
+
+
+async def test_claimed_events_keep_the_header_text_they_were_stored_with(
+    storage: SqlStorage,
+) -> None:
+    """The relay's records carry their headers' stored JSON text (what the Redis adapter sends
+    as it is, tests/brokers/test_redis_streams.py), equal to the headers themselves."""
+    event = OutboxEvent(
+        event_type="t", payload={"n": 1}, aggregate_id="k", headers={"region": "eu"}
+    )
+    with storage.engine.begin() as conn:
+        storage.append_outbox(event, conn=conn)
+    with storage.engine.connect() as conn:
+        stored = conn.execute(select(storage.tables.outbox.c.headers)).scalar_one()
+    [claim] = await storage.claim_outbox("relay", max_keys=10, max_events=10, claim_seconds=30)
+    [record] = claim.events
+    assert isinstance(record.headers, StoredHeaders)
+    assert record.headers.json == stored
+    assert record.headers == event.message_headers()

@@ -221,6 +221,19 @@ def commit_events(
     return claims
 
 
+def outbox_rows(storage: SqlStorage) -> list[Any]:
+    """Every outbox row (event id, key, seq, status, topic, attempts), by key and sequence."""
+    out = storage.tables.outbox
+    with storage.engine.connect() as conn:
+        return list(
+            conn.execute(
+                select(
+                    out.c.event_id, out.c.key, out.c.seq, out.c.status, out.c.topic, out.c.attempts
+                ).order_by(out.c.key, out.c.seq)
+            ).all()
+        )
+
+
 def expected_order(engine: Engine) -> dict[str, list[str]]:
     """Per account, the committed event ids in commit order (the application's versions)."""
     out: dict[str, list[str]] = defaultdict(list)

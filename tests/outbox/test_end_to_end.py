@@ -32,7 +32,7 @@ from saga_core import (
     compensate,
     step,
 )
-from saga_storage import SqlStorage, create_storage
+from saga_storage import create_storage
 from tests.outbox.app import (
     EVENT_TYPE,
     RolledBack,
@@ -42,6 +42,7 @@ from tests.outbox.app import (
     expected_order,
     make_event,
     order_problems,
+    outbox_rows,
     witness,
 )
 from tests.outbox.conftest import Collector, Db, Target, wait_until_async
@@ -59,18 +60,6 @@ def anyio_backend(db_kind: str) -> str:
     """Both event loops without doubling the matrix: SQLite under trio, PostgreSQL under
     asyncio."""
     return "trio" if db_kind == "sqlite" else "asyncio"
-
-
-def _outbox_rows(storage: SqlStorage) -> list[Any]:
-    outbox = storage.tables.outbox
-    with storage.engine.connect() as conn:
-        return list(
-            conn.execute(
-                select(
-                    outbox.c.event_id, outbox.c.key, outbox.c.seq, outbox.c.status, outbox.c.topic
-                ).order_by(outbox.c.key, outbox.c.seq)
-            ).all()
-        )
 
 
 @pytest.mark.parametrize("shared_target", ALL_BROKERS, indirect=True)
@@ -122,10 +111,10 @@ async def test_committed_events_arrive_intact_and_rolled_back_ones_never(
             await collector.wait_for(committed, 60, f"{shared_target.kind}/{db_kind} relay")
             # A consumer can see an event before its publisher recorded it sent.
             await wait_until_async(
-                lambda: {r.status for r in _outbox_rows(storage)} == {"SENT"},
+                lambda: {r.status for r in outbox_rows(storage)} == {"SENT"},
                 10,
                 "the relay recording every event sent",
-                lambda: repr(_outbox_rows(storage)),
+                lambda: repr(outbox_rows(storage)),
             )
             tg.cancel_scope.cancel()
     finally:
@@ -154,7 +143,7 @@ async def test_committed_events_arrive_intact_and_rolled_back_ones_never(
         gone = {e.event_id for e in rolled_back}
         assert len(gone) == 5
         assert not gone & collector.ids()
-        rows = _outbox_rows(storage)
+        rows = outbox_rows(storage)
         assert not gone & {r.event_id for r in rows}
         with storage.engine.connect() as conn:
             assert not gone & set(conn.execute(select(witness.c.event_id)).scalars())
@@ -230,17 +219,17 @@ async def test_saga_events_reach_a_real_broker_through_the_optimistic_path(
                 await orchestrator.execute(
                     saga, {"qty": 1, "amount": 5, "no_courier": True}, saga_id=rejected
                 )
-            rows = _outbox_rows(storage)
+            rows = outbox_rows(storage)
             assert len(rows) == 7
             await collector.wait_for(
                 [r.event_id for r in rows], 60, f"saga events on {shared_target.kind}"
             )
             # Sent, and recorded as sent, without any relay.
             await wait_until_async(
-                lambda: {r.status for r in _outbox_rows(storage)} == {"SENT"},
+                lambda: {r.status for r in outbox_rows(storage)} == {"SENT"},
                 10,
                 "the optimistic path marking its events sent",
-                lambda: repr(_outbox_rows(storage)),
+                lambda: repr(outbox_rows(storage)),
             )
             tg.cancel_scope.cancel()
     finally:

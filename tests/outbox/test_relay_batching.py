@@ -17,7 +17,7 @@ import dataclasses
 import random
 import threading
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from typing import Any
 
 import anyio
@@ -37,6 +37,7 @@ from tests.outbox.app import (
     expected_order,
     make_event,
     order_problems,
+    outbox_rows,
     with_app_name,
 )
 from tests.outbox.conftest import Collector, Db, Target, outage_params, sessions
@@ -44,6 +45,17 @@ from tests.outbox.conftest import Collector, Db, Target, outage_params, sessions
 pytestmark = pytest.mark.anyio
 
 STORAGES = ["sqlite", "postgresql"]
+
+
+@pytest.fixture(params=STORAGES)
+def app_storage(
+    request: pytest.FixtureRequest, make_db: Callable[[str], Db]
+) -> Iterator[SqlStorage]:
+    """A storage on an empty database of each kind, with the test application's tables."""
+    storage = create_storage(make_db(request.param).url)
+    create_app_tables(storage.engine)
+    yield storage
+    storage.dispose()
 
 
 def _commit(storage: SqlStorage, keys: Sequence[str], per_key: int, topic: str = "acct") -> None:
@@ -63,26 +75,10 @@ def _key_rows(storage: SqlStorage) -> dict[str, tuple[int, int, str | None]]:
     return {r.key: (r.last_seq, r.sent_seq, r.claim_token) for r in rows}
 
 
-def _event_rows(storage: SqlStorage) -> list[Any]:
-    outbox = storage.tables.outbox
-    with storage.engine.connect() as conn:
-        return list(
-            conn.execute(
-                select(
-                    outbox.c.event_id,
-                    outbox.c.key,
-                    outbox.c.seq,
-                    outbox.c.status,
-                    outbox.c.attempts,
-                ).order_by(outbox.c.key, outbox.c.seq)
-            ).all()
-        )
-
-
 def _in_seq_order(storage: SqlStorage) -> dict[str, list[str]]:
     """Per key, the event ids in sequence order (commit order)."""
     out: dict[str, list[str]] = {}
-    for r in _event_rows(storage):
+    for r in outbox_rows(storage):
         out.setdefault(r.key, []).append(r.event_id)
     return out
 
@@ -132,12 +128,8 @@ def test_claimed_rows_map_onto_outbox_record_fields_in_order(tmp_path: Any) -> N
     storage.dispose()
 
 
-@pytest.mark.parametrize("db_kind", STORAGES)
-async def test_a_claim_carries_each_event_as_stored(
-    db_kind: str, make_db: Callable[[str], Db]
-) -> None:
-    storage = create_storage(make_db(db_kind).url)
-    create_app_tables(storage.engine)
+async def test_a_claim_carries_each_event_as_stored(app_storage: SqlStorage) -> None:
+    storage = app_storage
     event = make_event("acct", "a", writer="w", n=1)
     commit_events(storage, [event], writer="w")
     [claim] = await storage.claim_outbox("t", max_keys=10, max_events=10, claim_seconds=30)
@@ -152,18 +144,13 @@ async def test_a_claim_carries_each_event_as_stored(
     assert dict(record.headers) == event.message_headers()
     assert (record.status, record.attempts, record.last_error) == (OutboxStatus.PENDING, 0, None)
     assert isinstance(record.id, int) and record.created_at > 0
-    storage.dispose()
 
 
 # --- completion in one transaction --------------------------------------------------------------
 
 
-@pytest.mark.parametrize("db_kind", STORAGES)
-async def test_a_round_is_recorded_in_one_transaction(
-    db_kind: str, make_db: Callable[[str], Db]
-) -> None:
-    storage = create_storage(make_db(db_kind).url)
-    create_app_tables(storage.engine)
+async def test_a_round_is_recorded_in_one_transaction(app_storage: SqlStorage) -> None:
+    storage = app_storage
     keys = [f"k{i:02d}" for i in range(30)]
     _commit(storage, keys, 2)
     claims = await storage.claim_outbox("t", max_keys=100, max_events=10, claim_seconds=30)
@@ -183,18 +170,13 @@ async def test_a_round_is_recorded_in_one_transaction(
     assert follows == []
     assert len(commits) == 1, "30 keys took more than one transaction"
     assert _key_rows(storage) == {k: (2, 2, None) for k in keys}
-    assert {r.status for r in _event_rows(storage)} == {"SENT"}
-    storage.dispose()
+    assert {r.status for r in outbox_rows(storage)} == {"SENT"}
 
 
-@pytest.mark.parametrize("db_kind", STORAGES)
-async def test_a_key_taken_over_is_left_to_its_new_owner(
-    db_kind: str, make_db: Callable[[str], Db]
-) -> None:
+async def test_a_key_taken_over_is_left_to_its_new_owner(app_storage: SqlStorage) -> None:
     """A key whose claim expired and was claimed again is neither advanced nor released by the
     old owner's completion; the other keys of the round are."""
-    storage = create_storage(make_db(db_kind).url)
-    create_app_tables(storage.engine)
+    storage = app_storage
     _commit(storage, ["a", "b", "c"], 2)
     claims = await storage.claim_outbox("t", max_keys=10, max_events=10, claim_seconds=30)
     okey = storage.tables.outbox_key
@@ -208,11 +190,10 @@ async def test_a_key_taken_over_is_left_to_its_new_owner(
         "b": (2, 0, "another-relay"),
         "c": (2, 2, None),
     }
-    assert [(r.key, r.status) for r in _event_rows(storage) if r.status != "SENT"] == [
+    assert [(r.key, r.status) for r in outbox_rows(storage) if r.status != "SENT"] == [
         ("b", "PENDING"),
         ("b", "PENDING"),
     ]
-    storage.dispose()
 
 
 async def test_a_key_a_writer_holds_is_completed_after_the_round(pg_db: Db) -> None:
@@ -277,7 +258,7 @@ async def test_a_key_a_writer_holds_is_completed_after_the_round(pg_db: Db) -> N
             "k3": (2, 2, None),
             "k4": (2, 2, None),
         }
-        pending = [(r.key, r.seq, r.event_id) for r in _event_rows(storage) if r.status != "SENT"]
+        pending = [(r.key, r.seq, r.event_id) for r in outbox_rows(storage) if r.status != "SENT"]
         assert pending == [("k2", 3, late.event_id)]
         broker = InMemoryBroker()
         assert await OutboxWorker(relay_storage, broker).drain() == 1
@@ -354,7 +335,7 @@ async def test_writers_of_several_keys_in_random_orders_never_deadlock_the_relay
             e for ids in expected.values() for e in ids
         )
         assert order_problems(broker.pairs(), expected) == []
-        assert {r.status for r in _event_rows(storage)} == {"SENT"}
+        assert {r.status for r in outbox_rows(storage)} == {"SENT"}
         assert _claimed_keys(storage) == []
     finally:
         done.set()
@@ -398,7 +379,7 @@ async def test_pipelined_drain_sends_each_event_once_in_key_order_and_survives_a
             # Three rounds went out; all are recorded, nothing is left claimed.
             assert len(broker.acked) == 30
             assert _claimed_keys(storage) == []
-            rows = _event_rows(storage)
+            rows = outbox_rows(storage)
             assert {r.event_id for r in rows if r.status == "SENT"} == {
                 m.event_id for m in broker.acked
             }
@@ -416,7 +397,7 @@ async def test_pipelined_drain_sends_each_event_once_in_key_order_and_survives_a
     assert order_problems(broker.pairs(), expected) == []
     assert order_problems(collector.pairs(), expected) == []
     assert relay.published == 24 * 6
-    assert {r.status for r in _event_rows(storage)} == {"SENT"}
+    assert {r.status for r in outbox_rows(storage)} == {"SENT"}
     assert _claimed_keys(storage) == []
     storage.dispose()
 
@@ -443,7 +424,7 @@ async def test_broker_killed_mid_pipeline_loses_nothing(pg_db: Db, outage_target
         with pytest.raises(BrokerUnavailable):
             await relay.drain()
         assert _claimed_keys(storage) == []
-        sent = {r.event_id for r in _event_rows(storage) if r.status == "SENT"}
+        sent = {r.event_id for r in outbox_rows(storage) if r.status == "SENT"}
         assert sent == {m.event_id for m in broker.acked} and len(sent) == 24
         await anyio.to_thread.run_sync(outage_target.start)
         with anyio.fail_after(60):
@@ -457,7 +438,7 @@ async def test_broker_killed_mid_pipeline_loses_nothing(pg_db: Db, outage_target
         runner = ConsumerRunner(
             inner, [topic], outage_target.names.group("kill"), collector.handle, poll_timeout=0.2
         )
-        everything = [r.event_id for r in _event_rows(storage)]
+        everything = [r.event_id for r in outbox_rows(storage)]
         async with anyio.create_task_group() as tg:
             await tg.start(runner.run)
             await collector.wait_for(everything, 60, "every event after the restart")
@@ -468,20 +449,18 @@ async def test_broker_killed_mid_pipeline_loses_nothing(pg_db: Db, outage_target
     expected = expected_order(storage.engine)
     assert order_problems(broker.pairs(), expected) == []
     assert order_problems(collector.pairs(), expected) == []
-    assert {r.status for r in _event_rows(storage)} == {"SENT"}
-    assert {r.attempts for r in _event_rows(storage)} == {0}
+    assert {r.status for r in outbox_rows(storage)} == {"SENT"}
+    assert {r.attempts for r in outbox_rows(storage)} == {0}
     storage.dispose()
 
 
-@pytest.mark.parametrize("db_kind", STORAGES)
 async def test_a_cancelled_drain_records_what_went_out_and_gives_back_the_rest(
-    db_kind: str, make_db: Callable[[str], Db]
+    app_storage: SqlStorage,
 ) -> None:
     """Cancelled while its 3rd publish hangs (round 2 waiting to be recorded, round 4 claimed
     ahead): round 2 is recorded anyway, rounds 3 and 4 are given back at once (no key stays
     claimed until its claim expires), and a new drain sends exactly what is left."""
-    storage = create_storage(make_db(db_kind).url)
-    create_app_tables(storage.engine)
+    storage = app_storage
     keys = [f"k{i:02d}" for i in range(16)]
     _commit(storage, keys, 3)
     hanging = anyio.Event()
@@ -498,11 +477,10 @@ async def test_a_cancelled_drain_records_what_went_out_and_gives_back_the_rest(
         await hanging.wait()
         tg.cancel_scope.cancel()
     assert len(broker.acked) == 24  # rounds 1 and 2: 4 keys x 3 events each
-    rows = _event_rows(storage)
+    rows = outbox_rows(storage)
     assert {r.event_id for r in rows if r.status == "SENT"} == {m.event_id for m in broker.acked}
     assert _claimed_keys(storage) == []
     broker.hook = None
     assert await relay.drain() == 16 * 3 - 24
     assert order_problems(broker.pairs(), _in_seq_order(storage)) == []
     assert len(broker.pairs()) == 16 * 3  # nothing twice
-    storage.dispose()
