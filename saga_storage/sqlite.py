@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import sqlite3
 import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -34,6 +35,24 @@ def _check_version() -> None:
         )
 
 
+def _enable_wal(cur: sqlite3.Cursor, busy_timeout: float) -> None:
+    """Switch the file to WAL, waiting up to ``busy_timeout`` for other connections.
+
+    SQLite answers "database is locked" at once, without its busy handler, when connections
+    opening a new file switch it at the same moment (seen with four processes starting
+    together), so the wait is ours.
+    """
+    deadline = time.monotonic() + busy_timeout
+    while True:
+        try:
+            cur.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.005)
+
+
 def make_sqlite_engine(url: str, *, busy_timeout: float = 30.0) -> Engine:
     """An engine configured for WAL, full fsync, foreign keys and IMMEDIATE write transactions."""
     _check_version()
@@ -49,11 +68,11 @@ def make_sqlite_engine(url: str, *, busy_timeout: float = 30.0) -> Engine:
     def _on_connect(dbapi_conn: sqlite3.Connection, _record: Any) -> None:
         dbapi_conn.isolation_level = None  # we issue BEGIN ourselves
         cur = dbapi_conn.cursor()
+        cur.execute(f"PRAGMA busy_timeout={int(busy_timeout * 1000)}")
         if not memory:
-            cur.execute("PRAGMA journal_mode=WAL")
+            _enable_wal(cur, busy_timeout)
         cur.execute("PRAGMA synchronous=FULL")
         cur.execute("PRAGMA foreign_keys=ON")
-        cur.execute(f"PRAGMA busy_timeout={int(busy_timeout * 1000)}")
         cur.close()
 
     @event.listens_for(engine, "begin")
