@@ -41,40 +41,49 @@ class ForwardPhase(RunBase):
                 self.reason = _forward_reason(d.step(name), row.status == StepStatus.REJECTED)
         if self.failure is not None:
             return
-        started = self._started
-        started.update(n for n, r in self.steps.items() if r.status == StepStatus.SUCCEEDED)
-        async with anyio.create_task_group() as tg:
+        self._started.update(n for n, r in self.steps.items() if r.status == StepStatus.SUCCEEDED)
+        # A lone ready step runs in this task; several run as tasks of a group, each starting
+        # its successors in it when it succeeds, until none is left. Most sagas are chains, and
+        # a task group and a task per step cost more than a step's own bookkeeping. (Methods,
+        # not closures: closures calling each other form a reference cycle, which only the
+        # garbage collector frees, costly with thousands of sagas in flight.)
+        while ready := self._take_ready():
+            if len(ready) == 1:  # nothing else is in flight here
+                await self._step_task(None, background, ready[0])
+                continue
+            async with anyio.create_task_group() as tg:
+                for name in ready:
+                    tg.start_soon(self._step_task, tg, background, name)
 
-            def launch_ready() -> None:
-                # Steps whose attempt was recorded with a predecessor's success are in flight
-                # already: they run whatever happened since.
-                for s in list(self._prestarted):
-                    if s not in started:
-                        started.add(s)
-                        self._in_flight += 1
-                        tg.start_soon(step_task, s)
-                if self.failure is not None or self._cancel_requested:
-                    return
-                for s in d.order:
-                    if s in started:
-                        continue
-                    if all(
-                        self.steps[dep].status == StepStatus.SUCCEEDED
-                        for dep in d.step(s).depends_on
-                    ):
-                        started.add(s)
-                        self._in_flight += 1
-                        tg.start_soon(step_task, s)
+    def _take_ready(self) -> list[str]:
+        """The steps to start now (all dependencies succeeded), counted as in flight."""
+        started, d = self._started, self.definition
+        # Steps whose attempt was recorded with a predecessor's success are in flight
+        # already: they run whatever happened since.
+        ready = [s for s in self._prestarted if s not in started]
+        if self.failure is None and not self._cancel_requested:
+            ready.extend(
+                s
+                for s in d.order
+                if s not in started
+                and s not in self._prestarted
+                and all(
+                    self.steps[dep].status == StepStatus.SUCCEEDED for dep in d.step(s).depends_on
+                )
+            )
+        started.update(ready)
+        self._in_flight += len(ready)
+        return ready
 
-            async def step_task(name: str) -> None:
-                ok = await self._run_step(d.step(name), background)
-                self._in_flight -= 1
-                if ok:
-                    launch_ready()
-                elif self.saga.fail_fast:
-                    self._stop_steps(keep=name)
-
-            launch_ready()
+    async def _step_task(self, tg: TaskGroup | None, background: TaskGroup, name: str) -> None:
+        ok = await self._run_step(self.definition.step(name), background)
+        self._in_flight -= 1
+        if not ok:
+            if self.saga.fail_fast:
+                self._stop_steps(keep=name)
+        elif tg is not None:
+            for s in self._take_ready():
+                tg.start_soon(self._step_task, tg, background, s)
 
     async def _run_step(self, sd: StepDefinition, background: TaskGroup) -> bool:
         """Run one step with its retries; True if it succeeded."""

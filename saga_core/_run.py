@@ -22,7 +22,7 @@ if sys.version_info < (3, 11):
 
 from saga_core._compensation import CompensationPhase
 from saga_core._forward import ForwardPhase
-from saga_core._leases import keep_lease
+from saga_core._leases import LeaseKeeper
 from saga_core._run_base import (
     CANCELLED,
     COMPENSATION_FAILED,
@@ -42,9 +42,10 @@ class SagaRun(ForwardPhase, CompensationPhase):
     async def run(self) -> RunOutcome:
         """Drive the saga to a final (or FAILED) status, or until the lease is lost or the run
         suspends itself to wait for a retry."""
+        lease = LeaseKeeper(self.store, self.fence, self.lease_seconds)
         try:
             async with anyio.create_task_group() as keeper:
-                keeper.start_soon(self._keep_lease)
+                keeper.start_soon(self._keep_lease, lease)
                 try:
                     with anyio.CancelScope() as self._work_scope:
                         async with anyio.create_task_group() as background:
@@ -54,7 +55,7 @@ class SagaRun(ForwardPhase, CompensationPhase):
                     if not ((self.lost or self.suspended) and _only(exc, LeaseLost)):
                         raise
                 finally:
-                    keeper.cancel_scope.cancel()
+                    lease.stop()  # not a cancellation: see saga_core._leases
         except anyio.get_cancelled_exc_class():
             # The caller stopped waiting: leave the saga as recorded and free the lease so a
             # worker can continue it at once instead of after the lease expires.
@@ -67,17 +68,17 @@ class SagaRun(ForwardPhase, CompensationPhase):
             self.outcome = RunOutcome(self._snapshot())
         return self.outcome
 
-    async def _keep_lease(self) -> None:
+    async def _keep_lease(self, lease: LeaseKeeper) -> None:
         """Renew the lease every third of its length; stop acting once it cannot be trusted.
 
         Without a successful renewal by ``lease_until - margin`` (measured on the monotonic
         clock from the last success), the run stops even if the database is unreachable: a
         worker that cannot renew must assume another one takes over. Renewals are shared with
         the other runs of this event loop (one statement for all that are due, see
-        ``saga_core._leases``); cancelling this task, as ``run`` does when it ends, unregisters.
+        ``saga_core._leases``); ``run`` stops it when it ends, which unregisters.
         """
-        await keep_lease(self.store, self.fence, self.lease_seconds)
-        self._lose()
+        if await lease.hold():
+            self._lose()
 
     def cancel(self) -> None:
         """Stop starting steps, cancel the ones in flight, and compensate."""

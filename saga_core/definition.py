@@ -6,6 +6,7 @@ a ``SagaDefinitionError`` that names the steps, never half-way through a run.
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -111,13 +112,15 @@ class SagaDefinition:
     ancestors: Mapping[str, tuple[str, ...]] = field(repr=False)
 
     def step(self, name: str) -> StepDefinition:
-        """The step called ``name``."""
-        for s in self.steps:
-            if s.name == name:
-                return s
-        raise KeyError(name)
+        """The step called ``name`` (``KeyError`` if there is none)."""
+        return self._by_name[name]
 
-    @property
+    @functools.cached_property
+    def _by_name(self) -> dict[str, StepDefinition]:
+        # Looked up for every step a run starts or checks: computed once per definition.
+        return {s.name: s for s in self.steps}
+
+    @functools.cached_property
     def step_names(self) -> tuple[str, ...]:
         """Step names in declaration order."""
         return tuple(s.name for s in self.steps)

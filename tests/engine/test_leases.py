@@ -28,7 +28,7 @@ from saga_core import (
     _leases,
     step,
 )
-from saga_core._leases import keep_lease
+from saga_core._leases import LeaseKeeper, keep_lease
 from saga_core.errors import StorageError
 from saga_core.records import Fence, NewSaga
 from saga_storage import SqlStorage, create_storage
@@ -382,6 +382,43 @@ async def test_cancelling_the_leader_leaves_the_others_renewed(
         if f.saga_id != leader[0]:
             assert any(c.held and f.saga_id in c.held for c in later)
     assert not ended  # nobody lost a lease
+
+
+async def test_a_stopped_keeper_returns_at_once_and_is_not_renewed_again(
+    storage: SqlStorage, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run that ends stops its keeper instead of cancelling it (a cancelled task leaves a
+    reference cycle for the garbage collector): ``hold`` returns False at once, long before
+    the next renewal, and the stopped lease is never renewed again while the others are.
+    A keeper stopped before it started holding returns at once too."""
+    lease = 0.6
+    renewals = _Renewals(storage, monkeypatch)
+    fences = [await _leased(storage, "o", lease) for _ in range(3)]
+    keepers = [LeaseKeeper(storage, f, lease) for f in fences]
+    returned: dict[int, tuple[bool, float]] = {}
+
+    async def hold(i: int) -> None:
+        returned[i] = (await keepers[i].hold(), time.monotonic())
+
+    keepers[2].stop()  # before its task runs
+    with anyio.fail_after(30):
+        async with anyio.create_task_group() as tg:
+            for i in range(3):
+                tg.start_soon(hold, i)
+            await anyio.sleep(0.05)
+            stopped = time.monotonic()
+            keepers[0].stop()
+            while 0 not in returned:
+                await anyio.sleep(0.001)
+            await anyio.sleep(3 * lease)  # keeper 1 renews meanwhile
+            keepers[1].stop()
+    assert returned[0][0] is False and returned[0][1] - stopped < lease / 3  # not at a renewal
+    assert returned[1][0] is False and returned[2][0] is False
+    assert renewals.calls
+    assert all(
+        fences[0].saga_id not in c.ids and fences[2].saga_id not in c.ids for c in renewals.calls
+    )
+    assert sum(fences[1].saga_id in (c.held or ()) for c in renewals.calls) >= 2
 
 
 async def test_a_large_batch_is_split_into_bounded_statements(
