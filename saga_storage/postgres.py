@@ -31,7 +31,13 @@ from sqlalchemy.sql.dml import Insert
 from sqlalchemy.sql.elements import ColumnElement
 
 from saga_core.errors import StorageError
-from saga_storage._pg_arrays import OUTBOX_ARRAY_COLUMNS, array_statements
+from saga_storage._pg_arrays import (
+    OUTBOX_ARRAY_COLUMNS,
+    SAGA_ARRAY_COLUMNS,
+    STEP_INSERT_COLUMNS,
+    STEP_UPDATE_COLUMNS,
+    array_statements,
+)
 from saga_storage.repository import SqlStorage
 
 DEFAULT_POOL_SIZE = 10
@@ -95,7 +101,7 @@ class PostgresStorage(SqlStorage):
         self._listener: Any = None
         self._listen_limiter: RunVar[anyio.CapacityLimiter] = RunVar(f"saga_listen_{id(self)}")
         self._compiled_cache: dict[int, tuple[str, dict[str, Any], dict[str, Any]]] = {}
-        self._arrays = array_statements(engine, self.tables)
+        self._arrays = array_statements(engine, self.tables, _NOW)
 
     @contextlib.contextmanager
     def _lease_write(self) -> Iterator[Connection]:
@@ -178,6 +184,32 @@ class PostgresStorage(SqlStorage):
             cur.execute(self._arrays.insert_events_ids, (rows[0]["b_ts"], *arrays))
             return dict(cur.fetchall())
 
+    def _insert_sagas(self, conn: Connection, rows: Sequence[dict[str, Any]]) -> set[str]:
+        names = [f"b_{n}" for n in _SAGA_PARAMS]
+        arrays = [[r[n] for r in rows] for n in names]
+        ts = rows[0]["b_ts"]
+        with _driver_cursor(conn) as cur:
+            cur.execute(self._arrays.insert_sagas, (ts, ts, *arrays))
+            return {sid for (sid,) in cur.fetchall()}
+
+    def _insert_steps(self, conn: Connection, rows: Sequence[dict[str, Any]]) -> None:
+        if len(rows) < 2:
+            super()._insert_steps(conn, rows)
+            return
+        arrays = [[r[f"b_{n}"] for r in rows] for n in _STEP_INSERT_PARAMS]
+        with _driver_cursor(conn) as cur:
+            cur.execute(self._arrays.insert_steps, arrays)
+
+    def _update_steps(self, conn: Connection, rows: Sequence[dict[str, Any]]) -> None:
+        # One statement updates a row once: a step written twice in one batch (a late
+        # thread's record beside the step's own) goes row by row, in order.
+        if len(rows) < 2 or len({(r["b_id"], r["b_name"]) for r in rows}) < len(rows):
+            super()._update_steps(conn, rows)
+            return
+        arrays = [[r[f"b_{n}"] for r in rows] for n in _STEP_UPDATE_PARAMS]
+        with _driver_cursor(conn) as cur:
+            cur.execute(self._arrays.update_steps, arrays)
+
     def _driver_params(
         self, stmt: Any, rows: Sequence[dict[str, Any]]
     ) -> tuple[str, list[dict[str, Any]]]:
@@ -206,8 +238,7 @@ class PostgresStorage(SqlStorage):
         return cached
 
     def _now(self) -> ColumnElement[float]:
-        # clock_timestamp(), not now(): leases compare against real time, not transaction start.
-        return literal_column("(extract(epoch from clock_timestamp()))::float8")
+        return literal_column(_NOW)
 
     def _insert(self, table: Any) -> Insert:
         return pg_insert(table)
@@ -278,6 +309,17 @@ class PostgresStorage(SqlStorage):
 
     def _map_error(self, exc: sa_exc.DBAPIError) -> Exception:
         return _storage_error(exc.orig)
+
+
+#: The database clock in epoch seconds. clock_timestamp(), not now(): leases compare against
+#: real time, not the transaction's start.
+_NOW = "(extract(epoch from clock_timestamp()))::float8"
+
+#: The repository's parameter names (``b_`` + name) of the array statements' columns.
+_SAGA_PARAMS = ("id", "saga_type", "definition_hash", "status", "input", "owner", "epoch", "lease")
+_STEP_INSERT_PARAMS = ("id", *(n for n, _ in STEP_INSERT_COLUMNS[1:]))
+_STEP_UPDATE_PARAMS = ("id", *(n for n, _ in STEP_UPDATE_COLUMNS[1:]))
+assert len(_SAGA_PARAMS) == len(SAGA_ARRAY_COLUMNS)
 
 
 @contextlib.contextmanager

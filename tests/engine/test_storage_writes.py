@@ -367,3 +367,60 @@ async def test_claimed_events_keep_the_header_text_they_were_stored_with(
     assert isinstance(record.headers, StoredHeaders)
     assert record.headers.json == stored
     assert record.headers == event.message_headers()
+
+
+async def test_batched_step_records_store_every_column_and_keep_their_order(
+    storage: SqlStorage,
+) -> None:
+    """Step records of many sagas in one transaction (one array statement on PostgreSQL) store
+    every column as given; the same step written twice in one batch ends as written last (a
+    statement updates a row once, so such a batch goes row by row)."""
+    from saga_core.errors import ErrorRecord
+    from saga_storage.coalesce import Pending
+
+    sids = [f"cols-{i}-{uuid.uuid4().hex[:6]}" for i in range(4)]
+    fences = []
+    for sid in sids:
+        _, fence = await storage.create_saga(_new(sid), lease_owner="me", lease_seconds=30)
+        assert fence is not None
+        fences.append(fence)
+
+    def full(sid: str, n: int) -> StepState:
+        return StepState(
+            "b",
+            StepStatus.COMPENSATION_FAILED,
+            outcome="unknown",
+            attempts=3 + n,
+            result={"sid": sid, "n": n},
+            error=ErrorRecord("RuntimeError", f"boom {n}"),
+            crashes=n,
+            compensation_attempts=2,
+            compensation_error=ErrorRecord("ValueError", f"undo {n}"),
+            started_at=1000.5 + n,
+            finished_at=2000.25 + n,
+        )
+
+    expected = {sid: full(sid, n) for n, sid in enumerate(sids)}
+    batch: list[Pending[Any]] = [
+        Pending((f, SagaWrite(steps=(expected[f.saga_id],)), False)) for f in fences
+    ]
+    # The first saga's step "a" twice in the same batch: RUNNING, then SUCCEEDED.
+    running = StepState("a", StepStatus.RUNNING, attempts=2, started_at=5.0)
+    succeeded = StepState(
+        "a", StepStatus.SUCCEEDED, outcome="succeeded", attempts=2, result={}, started_at=5.0
+    )
+    batch.append(Pending((fences[0], SagaWrite(steps=(running,)), False)))
+    batch.append(Pending((fences[0], SagaWrite(steps=(succeeded,)), False)))
+    await anyio.to_thread.run_sync(storage._write_batch, batch)
+    assert all(item.done and item.error is None for item in batch)
+    for sid in sids:
+        state = await storage.load_saga(sid)
+        assert state.steps["b"] == expected[sid]
+    assert (await storage.load_saga(sids[0])).steps["a"] == succeeded
+
+    # Without the repeated step, the same batch goes as arrays: still every column.
+    again = {sid: full(sid, 10 + n) for n, sid in enumerate(sids)}
+    batch = [Pending((f, SagaWrite(steps=(again[f.saga_id],)), False)) for f in fences]
+    await anyio.to_thread.run_sync(storage._write_batch, batch)
+    for sid in sids:
+        assert (await storage.load_saga(sid)).steps["b"] == again[sid]
