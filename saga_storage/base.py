@@ -28,6 +28,8 @@ class StorageBase:
     """Engine, tables and statements of one storage; the dialect hooks."""
 
     dialect: ClassVar[str] = ""
+    #: Coalesced batches of saga writes in flight at once, each in its own transaction.
+    parallel_flushes: ClassVar[int] = 1
 
     def __init__(
         self,
@@ -55,6 +57,7 @@ class StorageBase:
             f"saga_writes_{id(self)}",
             functools.partial(self._guarded, self._write_batch),  # driver errors mapped
             self._run,
+            max_flushes=self.parallel_flushes,
         )
         self._max_threads = max_threads
         # One limiter per event loop: the same storage may serve several loops in turn (a sync

@@ -7,6 +7,9 @@ update. Writers arriving meanwhile queue; when the leader's own write is done it
 to the oldest waiting writer, which flushes the next batch. Every caller returns only after the
 transaction holding its write committed, so durability is what it was; a write whose lease was
 lost fails alone (its fenced update matched no row, so it wrote nothing).
+
+A storage may let ``max_flushes`` batches be in flight at once (PostgreSQL: two), each in its
+own transaction; the next writer to arrive while fewer run leads a new one.
 """
 
 from __future__ import annotations
@@ -38,8 +41,8 @@ class Pending(Generic[T]):
 @dataclass
 class _Queue:
     items: list[Pending[Any]] = field(default_factory=list)
-    #: Someone leads: a flush runs, or leadership is being handed to a waiting caller.
-    leading: bool = False
+    #: How many lead: flushes running, or leads being handed to a waiting caller.
+    leaders: int = 0
 
 
 class Coalescer(Generic[T]):
@@ -57,10 +60,12 @@ class Coalescer(Generic[T]):
         flush: Callable[[list[Pending[T]]], None],
         run_in_thread: Callable[..., Any],
         max_batch: int = 256,
+        max_flushes: int = 1,
     ) -> None:
         self._flush = flush
         self._run_in_thread = run_in_thread
         self._max_batch = max_batch
+        self._max_flushes = max_flushes
         self._queue = LoopLocal(name, _Queue)
 
     async def submit(self, *args: Any) -> T:
@@ -68,7 +73,7 @@ class Coalescer(Generic[T]):
         q = self._queue.get()
         item: Pending[T] = Pending(args)
         q.items.append(item)
-        if q.leading:
+        if q.leaders >= self._max_flushes:
             item.wake = anyio.Event()
             try:
                 await item.wake.wait()
@@ -81,7 +86,7 @@ class Coalescer(Generic[T]):
                     self._hand_over(q)
                 raise
         else:
-            q.leading = True
+            q.leaders += 1
         if not item.done:  # we lead: flush the oldest writes until ours is among them
             while True:
                 batch, q.items = q.items[: self._max_batch], q.items[self._max_batch :]
@@ -115,7 +120,7 @@ class Coalescer(Generic[T]):
                 waiting.lead = True
                 waiting.wake.set()
                 return
-        q.leading = False
+        q.leaders -= 1
 
     def _flush_all(self, batch: list[Pending[T]]) -> None:
         try:

@@ -26,12 +26,14 @@ class Recorder:
         self.fail_on = fail_on
         self.running = 0
         self.overlapped = False
+        self.most_at_once = 0
         self._lock = threading.Lock()
 
     def flush(self, batch: list[Pending[int]]) -> None:
         with self._lock:
             self.running += 1
             self.overlapped |= self.running > 1
+            self.most_at_once = max(self.most_at_once, self.running)
         try:
             time.sleep(self.delay)
             values = [item.args[0] for item in batch]
@@ -46,11 +48,13 @@ class Recorder:
                 self.running -= 1
 
 
-def make(recorder: Recorder, max_batch: int = 16) -> Coalescer[int]:
+def make(recorder: Recorder, max_batch: int = 16, max_flushes: int = 1) -> Coalescer[int]:
     async def in_thread(fn: Any, *args: Any) -> Any:
         return await anyio.to_thread.run_sync(fn, *args)
 
-    return Coalescer("test", recorder.flush, in_thread, max_batch=max_batch)
+    return Coalescer(
+        "test", recorder.flush, in_thread, max_batch=max_batch, max_flushes=max_flushes
+    )
 
 
 async def test_every_caller_gets_its_own_result_from_one_flush_at_a_time() -> None:
@@ -71,6 +75,30 @@ async def test_every_caller_gets_its_own_result_from_one_flush_at_a_time() -> No
     assert all(len(b) <= 16 for b in rec.batches)
     assert len(rec.batches) < 300  # writes did share flushes
     assert not rec.overlapped
+
+
+async def test_with_two_flushes_allowed_two_run_at_once_and_never_more() -> None:
+    """PostgreSQL storages let two batches be in flight (one transaction each): while one
+    commits, the next is written. Every caller still gets its own result, each write is
+    flushed once, and no third flush ever starts."""
+    rec = Recorder(delay=0.002)
+    co = make(rec, max_flushes=2)
+    results: dict[int, int] = {}
+
+    async def call(n: int) -> None:
+        results[n] = await co.submit(n)
+
+    with anyio.fail_after(30):
+        async with anyio.create_task_group() as tg:
+            for n in range(600):
+                tg.start_soon(call, n)
+                if n % 50 == 0:
+                    await anyio.sleep(0.001)  # arrivals spread over the flushes
+    assert results == {n: 2 * n for n in range(600)}
+    flushed = [n for batch in rec.batches for n in batch]
+    assert sorted(flushed) == list(range(600))
+    assert len(rec.batches) < 600
+    assert rec.most_at_once == 2
 
 
 async def test_cancelled_waiters_do_not_stall_the_rest_and_are_still_written() -> None:
