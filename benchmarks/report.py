@@ -183,7 +183,7 @@ def saga_table(rows: Sequence[Row]) -> str:
             _num(r["p99_ms"], 2),
             _num(r["concurrent"]),
             _num(r["sagas_per_s"]),
-            _num(r["commits_per_saga"], 1),
+            _num(r["commits_per_saga"], 3),
             _num(r.get("renewals_per_saga"), 2),
             _num(r["cpu_cores"], 2),
             _num(r["consistent"]),
