@@ -251,7 +251,16 @@ class ForwardPhase(RunBase):
             return True
         return False
 
-    def _success_write(self, sd: StepDefinition, row: StepState, result: Any) -> SagaWrite:
+    def _success_write(
+        self,
+        sd: StepDefinition,
+        row: StepState,
+        result: Any,
+        opened: tuple[StepState, ...] = (),
+        complete: bool = False,
+    ) -> SagaWrite:
+        """The step's success with its event; with the first attempts ``opened`` of the steps
+        it unblocks, and with ``complete``, the saga's completion (releasing the lease)."""
         value = {} if result is None else check_json_object(result, f"result of step {sd.name!r}")
         done = replace(
             row,
@@ -273,7 +282,14 @@ class ForwardPhase(RunBase):
                 "occurred_at": now_iso(),
             },
         )
-        return SagaWrite(steps=(done,), events=(event,))
+        if complete:
+            return SagaWrite(
+                steps=(done, *opened),
+                events=(event,),
+                status=self._to(SagaStatus.COMPLETED),
+                release_lease=True,
+            )
+        return SagaWrite(steps=(done, *opened), events=(event,))
 
     def _apply_success(self, name: str, write: SagaWrite) -> None:
         self.steps[name] = write.steps[0]
@@ -293,7 +309,6 @@ class ForwardPhase(RunBase):
     async def _record_success(self, sd: StepDefinition, row: StepState, result: Any) -> bool:
         """Record the success, and in the same transaction the first attempt of every step it
         unblocks, or, for the saga's last step, its completion: fewer commits per saga."""
-        write = self._success_write(sd, row, result)
         ready = self._unblocked_by(sd.name)
         opened = tuple(
             self._open_attempt(n, self.steps[n].attempts + 1, self.steps[n].error) for n in ready
@@ -304,9 +319,7 @@ class ForwardPhase(RunBase):
             and self.status == SagaStatus.RUNNING
             and all(r.status == StepStatus.SUCCEEDED for n, r in self.steps.items() if n != sd.name)
         )
-        if last:
-            write = replace(write, status=self._to(SagaStatus.COMPLETED), release_lease=True)
-        write = replace(write, steps=(*write.steps, *opened))
+        write = self._success_write(sd, row, result, opened, complete=last)
         await self._commit(write, update_rows=False)
         self._apply_success(sd.name, write)
         for r in opened:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 from collections.abc import Mapping
@@ -53,6 +54,22 @@ def check_json_object(value: object, what: str) -> dict[str, Any]:
     data = dict(value)
     check_json(data, what)
     return data
+
+
+def copy_json(value: Any) -> Any:
+    """A deep copy of a checked JSON value (what ``copy.deepcopy`` gives, faster): dicts, lists
+    and tuples are copied, the immutable leaves shared; anything else (a subclass) is handed
+    to ``copy.deepcopy``."""
+    kind = type(value)
+    if kind is dict:
+        return {k: copy_json(v) for k, v in value.items()}
+    if kind is list:
+        return [copy_json(v) for v in value]
+    if kind is str or kind is int or kind is float or kind is bool or value is None:
+        return value
+    if kind is tuple:
+        return tuple(copy_json(v) for v in value)
+    return copy.deepcopy(value)
 
 
 # One encoder for every call: ``json.dumps`` with options builds a new one each time.

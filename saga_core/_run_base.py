@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import functools
 import logging
 import time
@@ -16,6 +15,7 @@ from anyio.abc import TaskGroup
 from anyio.lowlevel import RunVar
 
 from saga_core._invoke import ThreadWatch
+from saga_core._json import copy_json
 from saga_core.definition import DeclarativeSaga, SagaDefinition
 from saga_core.errors import ErrorRecord, LeaseLost, StorageError
 from saga_core.outbox import OptimisticPublisher
@@ -155,7 +155,8 @@ class RunBase:
         data = dict(self.input)
         for dep in self.definition.ancestors[name]:
             data.update(self.steps[dep].result or {})
-        return copy.deepcopy(data)
+        copied: dict[str, Any] = copy_json(data)  # the step may change it
+        return copied
 
     def _compensation_context(self) -> dict[str, Any]:
         data = dict(self.input)
@@ -163,7 +164,8 @@ class RunBase:
             r = self.steps[s]
             if isinstance(r.result, Mapping):
                 data.update(r.result)
-        return copy.deepcopy(data)
+        copied: dict[str, Any] = copy_json(data)  # the step may change it
+        return copied
 
     def _to(self, status: SagaStatus) -> SagaStatus:
         return saga_transition(self.status, status)

@@ -7,15 +7,18 @@ Properties:
   the value back (tuples as lists);
 * a single bad part planted anywhere in such a value (a set, bytes, an object, NaN or infinity,
   a non-str key) raises ``TypeError`` whose message names the full key path to it, e.g.
-  ``context['order'][2]['amount']``.
+  ``context['order'][2]['amount']``;
+* ``copy_json`` of a JSON value (also one holding subclasses, e.g. an ``OrderedDict``) equals
+  ``copy.deepcopy`` of it, keeps every container's type, and shares no mutable container.
 """
 
 from __future__ import annotations
 
+import copy
 import datetime
 import decimal
 import math
-from collections import UserDict
+from collections import OrderedDict, UserDict
 from collections.abc import Mapping
 from types import MappingProxyType
 from typing import Any
@@ -24,7 +27,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from saga_core._json import check_json, check_json_object, dumps, loads
+from saga_core._json import check_json, check_json_object, copy_json, dumps, loads
 
 keys = st.text(max_size=8)
 scalars = (
@@ -162,3 +165,25 @@ def test_what_is_accepted_can_be_stored(value: object) -> None:
     except TypeError:
         return
     assert loads(dumps(value)) is not None
+
+
+def _containers(value: Any) -> list[Any]:
+    """Every dict, list and tuple inside ``value``, itself included."""
+    found: list[Any] = []
+    if isinstance(value, (dict, list, tuple)):
+        found.append(value)
+        children = value.values() if isinstance(value, dict) else value
+        for child in children:
+            found.extend(_containers(child))
+    return found
+
+
+@settings(max_examples=200, deadline=None)
+@given(json_values | st.dictionaries(keys, json_values, max_size=3).map(OrderedDict))
+def test_copy_json_is_a_deep_copy(value: Any) -> None:
+    copied = copy_json(value)
+    assert copied == copy.deepcopy(value)
+    originals, copies = _containers(value), _containers(copied)
+    assert [type(c) for c in copies] == [type(c) for c in originals]
+    mutable_ids = {id(c) for c in originals if not isinstance(c, tuple)}
+    assert not any(id(c) in mutable_ids for c in copies if not isinstance(c, tuple))
