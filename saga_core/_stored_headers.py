@@ -3,15 +3,49 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator, Mapping
+from typing import Any
 
 
-class StoredHeaders(dict[str, str]):
-    """A plain ``dict`` of headers that also keeps the JSON text it was parsed from, so an
-    adapter that sends headers as JSON (Redis Streams) sends that text instead of encoding
-    the dict again. The relay never changes a message's headers once read."""
+class StoredHeaders(Mapping[str, str]):
+    """Read-only headers that keep the JSON text they were stored as, parsed on first use.
 
-    __slots__ = ("json",)
+    An adapter that sends headers as JSON (Redis Streams) sends ``json`` as it is: neither
+    parsed nor encoded again, for the thousand events of a relay round. The others read the
+    headers as a mapping, which parses the text once. The relay never changes a message's
+    headers once read.
+    """
+
+    __slots__ = ("_parsed", "json")
 
     def __init__(self, text: str) -> None:
-        super().__init__(json.loads(text))
         self.json = text
+        self._parsed: dict[str, str] | None = None
+
+    def _headers(self) -> dict[str, str]:
+        if self._parsed is None:
+            self._parsed = json.loads(self.json)
+        return self._parsed
+
+    def __getitem__(self, name: str) -> str:
+        return self._headers()[name]
+
+    def get(self, name: str, default: Any = None) -> Any:
+        """The header's value, or ``default``."""
+        return self._headers().get(name, default)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._headers())
+
+    def __len__(self) -> int:
+        return len(self._headers())
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, Mapping):
+            return self._headers() == dict(other.items())
+        return NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]  # a mapping, compared by value
+
+    def __repr__(self) -> str:
+        return f"StoredHeaders({self._headers()!r})"
