@@ -194,6 +194,7 @@ class ForwardPhase(RunBase):
                 if suspend:
                     self.suspended = True
                     await self._commit(SagaWrite(steps=(waiting,), wake_in=delay))
+                    self._released = True  # the write let the lease go: not a lost lease
                     self._trace(
                         "saga_suspended", "saga {saga} waits {delay:.1f}s for a retry", delay=delay
                     )

@@ -199,6 +199,8 @@ class LeaseGroup:
             return
         ended = time.monotonic()
         for m in batch:
+            if m.stopped:
+                continue  # its run ended during the call (and may have let the lease go)
             if m.fence.saga_id not in held:
                 m.signal(lost=True)
                 continue

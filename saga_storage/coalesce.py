@@ -9,7 +9,8 @@ transaction holding its write committed, so durability is what it was; a write w
 lost fails alone (its fenced update matched no row, so it wrote nothing).
 
 A storage may let ``max_flushes`` batches be in flight at once (PostgreSQL: two), each in its
-own transaction; the next writer to arrive while fewer run leads a new one.
+own transaction; the next writer to arrive while fewer run leads a new one. A write whose caller
+was handed the lead stays for that caller to flush.
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ class _Queue:
 
 
 class Coalescer(Generic[T]):
-    """Runs ``flush(batch)`` for queued items, one flush at a time per event loop.
+    """Runs ``flush(batch)`` for queued items, up to ``max_flushes`` at a time per event loop.
 
     ``flush`` runs in a worker thread (through ``run_in_thread``) and must set ``result`` or
     ``error`` on every item; an exception it raises becomes every item's error. Each waiting
@@ -80,20 +81,23 @@ class Coalescer(Generic[T]):
             except BaseException:
                 # Cancelled while waiting: the write stays queued (it is flushed anyway, its
                 # outcome unknown to this caller). Nobody waits on it now, so it must not be
-                # handed the lead (the set event says so); a lead handed to us goes on.
+                # handed the lead (the set event says so); a lead handed to us goes on, and
+                # the write becomes anyone's to flush.
                 item.wake.set()
-                if item.lead and not item.done:
+                if item.lead:
+                    item.lead = False
                     self._hand_over(q)
                 raise
         else:
             q.leaders += 1
         if not item.done:  # we lead: flush the oldest writes until ours is among them
             while True:
-                batch, q.items = q.items[: self._max_batch], q.items[self._max_batch :]
+                batch = self._take_batch(q, item)
                 try:
                     await self._run_in_thread(self._flush_all, batch)
                 except BaseException:  # cancelled: whatever is still queued needs a leader
                     # Cancelled before the thread started: the batch was never written.
+                    item.lead = False
                     q.items[:0] = [other for other in batch if not other.done]
                     self._wake_done(batch)
                     self._hand_over(q)
@@ -105,6 +109,23 @@ class Coalescer(Generic[T]):
         if item.error is not None:
             raise item.error
         return item.result  # type: ignore[return-value]
+
+    def _take_batch(self, q: _Queue, own: Pending[T]) -> list[Pending[T]]:
+        """The oldest queued writes, up to ``max_batch``, but not a write whose caller was
+        handed the lead and has not resumed yet: that caller flushes it (with two flushes
+        allowed, a new leader could otherwise take it, and its caller would lead with
+        nothing of its own to wait for)."""
+        if not any(other.lead and other is not own for other in q.items[: self._max_batch]):
+            batch, q.items = q.items[: self._max_batch], q.items[self._max_batch :]
+            return batch
+        batch, rest = [], []
+        for other in q.items:
+            if len(batch) < self._max_batch and (other is own or not other.lead):
+                batch.append(other)
+            else:
+                rest.append(other)
+        q.items = rest
+        return batch
 
     @staticmethod
     def _wake_done(batch: list[Pending[T]]) -> None:

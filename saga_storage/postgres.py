@@ -189,8 +189,7 @@ class PostgresStorage(SqlStorage):
             return dict(cur.fetchall())
 
     def _insert_sagas(self, conn: Connection, rows: Sequence[dict[str, Any]]) -> set[str]:
-        names = [f"b_{n}" for n in _SAGA_PARAMS]
-        arrays = [[r[n] for r in rows] for n in names]
+        arrays = _arrays(rows, _SAGA_PARAMS, SAGA_ARRAY_COLUMNS)
         ts = rows[0]["b_ts"]
         with _driver_cursor(conn) as cur:
             cur.execute(self._arrays.insert_sagas, (ts, ts, *arrays))
@@ -200,7 +199,7 @@ class PostgresStorage(SqlStorage):
         if len(rows) < 2:
             super()._insert_steps(conn, rows)
             return
-        arrays = [[r[f"b_{n}"] for r in rows] for n in _STEP_INSERT_PARAMS]
+        arrays = _arrays(rows, _STEP_INSERT_PARAMS, STEP_INSERT_COLUMNS)
         with _driver_cursor(conn) as cur:
             cur.execute(self._arrays.insert_steps, arrays)
 
@@ -210,7 +209,7 @@ class PostgresStorage(SqlStorage):
         if len(rows) < 2 or len({(r["b_id"], r["b_name"]) for r in rows}) < len(rows):
             super()._update_steps(conn, rows)
             return
-        arrays = [[r[f"b_{n}"] for r in rows] for n in _STEP_UPDATE_PARAMS]
+        arrays = _arrays(rows, _STEP_UPDATE_PARAMS, STEP_UPDATE_COLUMNS)
         with _driver_cursor(conn) as cur:
             cur.execute(self._arrays.update_steps, arrays)
 
@@ -324,6 +323,21 @@ _SAGA_PARAMS = ("id", "saga_type", "definition_hash", "status", "input", "owner"
 _STEP_INSERT_PARAMS = ("id", *(n for n, _ in STEP_INSERT_COLUMNS[1:]))
 _STEP_UPDATE_PARAMS = ("id", *(n for n, _ in STEP_UPDATE_COLUMNS[1:]))
 assert len(_SAGA_PARAMS) == len(SAGA_ARRAY_COLUMNS)
+
+
+def _arrays(
+    rows: Sequence[dict[str, Any]], params: Sequence[str], columns: Sequence[tuple[str, str]]
+) -> list[list[Any]]:
+    """One list per column: parameter ``b_<params[i]>`` of every row. psycopg refuses a list
+    mixing ``int`` and ``float`` (a lease of 30 beside one of 12.5), so the values of a
+    ``float8`` column are made floats."""
+    arrays = []
+    for name, (_, kind) in zip(params, columns, strict=True):
+        values = [r[f"b_{name}"] for r in rows]
+        if kind == "float8":
+            values = [None if v is None else float(v) for v in values]
+        arrays.append(values)
+    return arrays
 
 
 @contextlib.contextmanager

@@ -101,6 +101,50 @@ async def test_with_two_flushes_allowed_two_run_at_once_and_never_more() -> None
     assert rec.most_at_once == 2
 
 
+async def test_two_flushes_never_flush_nothing_and_always_give_the_lead_back() -> None:
+    """With two flushes allowed, a caller handed the lead must find its write still queued for
+    it (a new leader arriving meanwhile must not take it), so no flush is ever empty; and every
+    lead is given back: once all callers are answered, nobody leads. Arrivals come in bursts
+    right after flushes end, with some callers cancelled while they wait."""
+    import random
+
+    rng = random.Random(7)
+    for round_ in range(20):
+        await _bursty_round(rng, round_)
+
+
+async def _bursty_round(rng: Any, round_: int) -> None:
+    rec = Recorder(delay=0.001)
+    co = make(rec, max_batch=3, max_flushes=2)
+    results: dict[int, int] = {}
+    cancelled: set[int] = set()
+
+    async def call(n: int, scope: anyio.CancelScope) -> None:
+        with scope:
+            results[n] = await co.submit(n)
+        if scope.cancelled_caught:
+            cancelled.add(n)
+
+    with anyio.fail_after(30):
+        async with anyio.create_task_group() as tg:
+            scopes = []
+            for n in range(120):
+                scope = anyio.CancelScope()
+                scopes.append(scope)
+                tg.start_soon(call, n, scope)
+                if rng.random() < 0.3:
+                    await anyio.sleep(rng.choice((0, 0.0005, 0.001, 0.002)))
+                if rng.random() < 0.05:
+                    rng.choice(scopes).cancel()
+    assert all(rec.batches), f"round {round_}: an empty flush"
+    flushed = [n for batch in rec.batches for n in batch]
+    assert sorted(flushed) == list(range(120))  # cancelled callers' writes too, once
+    assert {n: 2 * n for n in results} == results
+    assert set(results) | cancelled == set(range(120))
+    assert co._queue.get().leaders == 0  # every lead given back
+    assert rec.most_at_once <= 2
+
+
 async def test_cancelled_waiters_do_not_stall_the_rest_and_are_still_written() -> None:
     rec = Recorder(delay=0.01)
     co = make(rec, max_batch=4)

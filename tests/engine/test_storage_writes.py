@@ -424,3 +424,26 @@ async def test_batched_step_records_store_every_column_and_keep_their_order(
     await anyio.to_thread.run_sync(storage._write_batch, batch)
     for sid in sids:
         assert (await storage.load_saga(sid)).steps["b"] == again[sid]
+
+
+async def test_creations_with_int_and_float_leases_share_a_batch(storage: SqlStorage) -> None:
+    """Orchestrators with leases of 30 (an int) and 12.5 (a float) creating sagas at once: one
+    batch holds both kinds (PostgreSQL's array statement takes the leases as one float list),
+    every creation succeeds and each lease is what its creator asked for."""
+    sids = [f"mix-{i}-{uuid.uuid4().hex[:6]}" for i in range(10)]
+    leases: dict[str, float] = {sid: (30 if i % 2 else 12.5) for i, sid in enumerate(sids)}
+    fences: dict[str, Any] = {}
+
+    async def create(sid: str) -> None:
+        _, fences[sid] = await storage.create_saga(
+            _new(sid), lease_owner="me", lease_seconds=leases[sid]
+        )
+
+    async with anyio.create_task_group() as tg:
+        for sid in sids:
+            tg.start_soon(create, sid)
+    assert all(fences[sid] is not None for sid in sids)
+    for sid in sids:
+        state = await storage.load_saga(sid)
+        assert state.lease_until is not None
+        assert abs(state.lease_until - state.created_at - leases[sid]) < 5
