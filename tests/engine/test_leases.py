@@ -421,6 +421,34 @@ async def test_a_stopped_keeper_returns_at_once_and_is_not_renewed_again(
     assert sum(fences[1].saga_id in (c.held or ()) for c in renewals.calls) >= 2
 
 
+async def test_a_run_that_ends_during_a_renewal_is_not_told_it_lost_its_lease(
+    storage: SqlStorage, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run that lets its lease go (it finished, or suspended itself) and stops its keeper
+    while a renewal including it is in flight: the renewal no longer finds the saga held,
+    which is no news to a stopped run, so its keeper returns False (not lost)."""
+    lease = 0.6
+    renewals = _Renewals(storage, monkeypatch)
+    fence = await _leased(storage, "o", lease)
+    keeper = LeaseKeeper(storage, fence, lease)
+    outcome: list[bool] = []
+
+    async def end_the_run(call: _Call) -> None:
+        await storage.release(fence)  # the run's last write let the lease go
+        keeper.stop()
+
+    renewals.hook = end_the_run
+
+    async def hold() -> None:
+        outcome.append(await keeper.hold())
+
+    with anyio.fail_after(30):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(hold)
+    assert renewals.calls and renewals.calls[0].held == set()  # the call did not find it
+    assert outcome == [False]
+
+
 async def test_a_large_batch_is_split_into_bounded_statements(
     storage: SqlStorage, monkeypatch: pytest.MonkeyPatch
 ) -> None:
