@@ -143,7 +143,7 @@ class InMemoryConsumer:
         for where in taken:
             state.in_flight[where] = self
             state.deliveries[where] = state.deliveries.get(where, 0) + 1
-            out.append(Delivery(log[where[0]][where[1]], state.deliveries[where], where))
+            out.append(Delivery(_received(log[where[0]][where[1]]), state.deliveries[where], where))
         return out
 
     def _settle(self, delivery: Delivery) -> _Offset | None:
@@ -193,3 +193,13 @@ def _from_url(url: str) -> InMemoryBroker:
     if parts.netloc or parts.path not in ("", "/") or parts.query:
         raise ValueError(f"memory:// takes no host, path or options, got {url!r}")
     return InMemoryBroker()
+
+
+def _received(message: Message) -> Message:
+    """The message as a consumer gets it: headers as a plain ``dict`` of its own, as the
+    networked brokers deliver them (a relayed message's headers are a read-only mapping over
+    their stored text; a consumer may change or JSON-encode its copy)."""
+    headers = message.headers
+    if type(headers) is dict:
+        return message
+    return Message(message.topic, message.key, message.value, dict(headers))

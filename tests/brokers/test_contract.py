@@ -65,6 +65,24 @@ async def test_round_trip_keeps_shape_headers_and_per_key_order(case: BrokerCase
         assert await consumer.receive(10, 0.3) == []
 
 
+async def test_relayed_headers_reach_consumers_as_a_plain_dict(case: BrokerCase) -> None:
+    """A message the relay read back from the outbox (headers as ``StoredHeaders``, a read-only
+    mapping over their stored JSON text) reaches consumers with the same headers as a plain
+    ``dict``, on every broker: a handler may change or JSON-encode it."""
+    from saga_core._json import dumps
+    from saga_core._stored_headers import StoredHeaders
+
+    topic, group = case.names.topic(), case.names.group()
+    m = message(topic, "order-1", 1, tenant="acme")
+    relayed = Message(m.topic, m.key, m.value, StoredHeaders(dumps(m.headers)))
+    async with open_broker(case.url) as broker, open_consumer(broker, [topic], group) as consumer:
+        assert list(await broker.publish([relayed])) == [None]
+        (got,) = await receive_n(consumer, 1)
+    assert type(got.message.headers) is dict
+    assert got.message.headers == dict(m.headers)
+    assert dumps(got.message.headers) == dumps(m.headers)
+
+
 async def test_unacknowledged_messages_are_delivered_again_after_a_consumer_dies(
     case: BrokerCase,
 ) -> None:
