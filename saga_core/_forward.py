@@ -283,14 +283,12 @@ class ForwardPhase(RunBase):
                 "occurred_at": now_iso(),
             },
         )
-        if complete:
-            return SagaWrite(
-                steps=(done, *opened),
-                events=(event,),
-                status=self._to(SagaStatus.COMPLETED),
-                release_lease=True,
-            )
-        return SagaWrite(steps=(done, *opened), events=(event,))
+        return SagaWrite(
+            steps=(done, *opened),
+            events=(event,),
+            status=self._to(SagaStatus.COMPLETED) if complete else None,
+            release_lease=complete,
+        )
 
     def _apply_success(self, name: str, write: SagaWrite) -> None:
         self.steps[name] = write.steps[0]

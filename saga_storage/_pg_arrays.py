@@ -11,14 +11,34 @@ their saga's row, so the order their updates lock them in cannot deadlock.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any, NamedTuple
 
 from sqlalchemy import Engine
 
 from saga_storage.schema import Tables
 
-#: Outbox row columns sent as arrays, in the order of a row tuple, with their array types.
-OUTBOX_ARRAY_COLUMNS = (
+
+class ArrayColumn(NamedTuple):
+    """A column sent as one array: its name in the statement, its element type, and the
+    repository's parameter (``b_<param>``) whose values fill it."""
+
+    name: str
+    kind: str
+    param: str
+
+
+def _columns(*specs: tuple[str, str] | tuple[str, str, str]) -> tuple[ArrayColumn, ...]:
+    """Columns from ``(name, kind)`` (the parameter has the column's name) or
+    ``(name, kind, param)``."""
+    return tuple(
+        ArrayColumn(*spec) if len(spec) == 3 else ArrayColumn(*spec, spec[0]) for spec in specs
+    )
+
+
+#: Outbox rows, in the order of a row tuple.
+OUTBOX_ARRAY_COLUMNS = _columns(
     ("event_id", "text"),
     ("saga_id", "text"),
     ("topic", "text"),
@@ -29,22 +49,21 @@ OUTBOX_ARRAY_COLUMNS = (
     ("headers", "text"),
 )
 
-
-#: New saga rows: columns of the row tuple (the lease as seconds from now).
-SAGA_ARRAY_COLUMNS = (
+#: New saga rows (``lease``: seconds from the database's now).
+SAGA_ARRAY_COLUMNS = _columns(
     ("id", "text"),
     ("saga_type", "text"),
     ("definition_hash", "text"),
     ("status", "text"),
     ("input", "text"),
-    ("lease_owner", "text"),
-    ("lease_epoch", "int8"),
+    ("lease_owner", "text", "owner"),
+    ("lease_epoch", "int8", "epoch"),
     ("lease", "float8"),
 )
 
 #: New step rows.
-STEP_INSERT_COLUMNS = (
-    ("saga_id", "text"),
+STEP_INSERT_COLUMNS = _columns(
+    ("saga_id", "text", "id"),
     ("name", "text"),
     ("position", "int4"),
     ("status", "text"),
@@ -53,8 +72,8 @@ STEP_INSERT_COLUMNS = (
 )
 
 #: Step records: the row's key, then every column a step write sets.
-STEP_UPDATE_COLUMNS = (
-    ("saga_id", "text"),
+STEP_UPDATE_COLUMNS = _columns(
+    ("saga_id", "text", "id"),
     ("name", "text"),
     ("status", "text"),
     ("outcome", "text"),
@@ -71,10 +90,23 @@ STEP_UPDATE_COLUMNS = (
 )
 
 
-def _unnest(columns: tuple[tuple[str, str], ...]) -> str:
+def arrays(rows: Sequence[Mapping[str, Any]], columns: Sequence[ArrayColumn]) -> list[list[Any]]:
+    """The statement's array parameters: per column, its parameter's value in every row.
+    psycopg refuses a list mixing ``int`` and ``float`` (a lease of 30 beside one of 12.5),
+    so the values of a ``float8`` column are made floats."""
+    out = []
+    for column in columns:
+        values = [r[f"b_{column.param}"] for r in rows]
+        if column.kind == "float8":
+            values = [None if v is None else float(v) for v in values]
+        out.append(values)
+    return out
+
+
+def _unnest(columns: Sequence[ArrayColumn]) -> str:
     """``unnest(%b::t1[], ...) AS u(c1, ...)``: one binary array parameter per column."""
-    arrays = ", ".join(f"%b::{kind}[]" for _, kind in columns)
-    return f"unnest({arrays}) AS u({', '.join(name for name, _ in columns)})"
+    params = ", ".join(f"%b::{c.kind}[]" for c in columns)
+    return f"unnest({params}) AS u({', '.join(c.name for c in columns)})"
 
 
 @dataclass(frozen=True)
@@ -103,14 +135,13 @@ def array_statements(engine: Engine, tables: Tables, now: str) -> ArrayStatement
     fmt = engine.dialect.identifier_preparer.format_table
     outbox, okey = fmt(tables.outbox), fmt(tables.outbox_key)
     sagas, steps = fmt(tables.sagas), fmt(tables.steps)
-    saga_values = ", ".join(name for name, _ in SAGA_ARRAY_COLUMNS[:-1])
-    step_names = ", ".join(name for name, _ in STEP_INSERT_COLUMNS)
-    step_sets = ", ".join(f"{name} = u.{name}" for name, _ in STEP_UPDATE_COLUMNS[2:])
-    names = ", ".join(name for name, _ in OUTBOX_ARRAY_COLUMNS)
-    arrays = ", ".join(f"%b::{kind}[]" for _, kind in OUTBOX_ARRAY_COLUMNS)
+    saga_values = ", ".join(c.name for c in SAGA_ARRAY_COLUMNS[:-1])  # all but the lease
+    step_names = ", ".join(c.name for c in STEP_INSERT_COLUMNS)
+    step_sets = ", ".join(f"{c.name} = u.{c.name}" for c in STEP_UPDATE_COLUMNS[2:])
+    names = ", ".join(c.name for c in OUTBOX_ARRAY_COLUMNS)
     insert = (
         f"INSERT INTO {outbox} ({names}, status, attempts, created_at)"
-        f" SELECT {names}, 'PENDING', 0, %s::float8 FROM unnest({arrays}) AS u({names})"
+        f" SELECT {names}, 'PENDING', 0, %s::float8 FROM {_unnest(OUTBOX_ARRAY_COLUMNS)}"
     )
     next_seqs = (
         f"INSERT INTO {okey} AS k (key, last_seq, sent_seq, blocked)"

@@ -37,6 +37,7 @@ from saga_storage._pg_arrays import (
     STEP_INSERT_COLUMNS,
     STEP_UPDATE_COLUMNS,
     array_statements,
+    arrays,
 )
 from saga_storage.repository import SqlStorage
 
@@ -180,28 +181,26 @@ class PostgresStorage(SqlStorage):
     def _insert_events(
         self, conn: Connection, rows: Sequence[dict[str, Any]], *, ids: bool
     ) -> dict[str, int]:
-        arrays = [[r[f"b_{name}"] for r in rows] for name, _ in OUTBOX_ARRAY_COLUMNS]
+        columns = arrays(rows, OUTBOX_ARRAY_COLUMNS)
         with _driver_cursor(conn) as cur:
             if not ids:
-                cur.execute(self._arrays.insert_events, (rows[0]["b_ts"], *arrays))
+                cur.execute(self._arrays.insert_events, (rows[0]["b_ts"], *columns))
                 return {}
-            cur.execute(self._arrays.insert_events_ids, (rows[0]["b_ts"], *arrays))
+            cur.execute(self._arrays.insert_events_ids, (rows[0]["b_ts"], *columns))
             return dict(cur.fetchall())
 
     def _insert_sagas(self, conn: Connection, rows: Sequence[dict[str, Any]]) -> set[str]:
-        arrays = _arrays(rows, _SAGA_PARAMS, SAGA_ARRAY_COLUMNS)
         ts = rows[0]["b_ts"]
         with _driver_cursor(conn) as cur:
-            cur.execute(self._arrays.insert_sagas, (ts, ts, *arrays))
+            cur.execute(self._arrays.insert_sagas, (ts, ts, *arrays(rows, SAGA_ARRAY_COLUMNS)))
             return {sid for (sid,) in cur.fetchall()}
 
     def _insert_steps(self, conn: Connection, rows: Sequence[dict[str, Any]]) -> None:
         if len(rows) < 2:
             super()._insert_steps(conn, rows)
             return
-        arrays = _arrays(rows, _STEP_INSERT_PARAMS, STEP_INSERT_COLUMNS)
         with _driver_cursor(conn) as cur:
-            cur.execute(self._arrays.insert_steps, arrays)
+            cur.execute(self._arrays.insert_steps, arrays(rows, STEP_INSERT_COLUMNS))
 
     def _update_steps(self, conn: Connection, rows: Sequence[dict[str, Any]]) -> None:
         # One statement updates a row once: a step written twice in one batch (a late
@@ -209,9 +208,8 @@ class PostgresStorage(SqlStorage):
         if len(rows) < 2 or len({(r["b_id"], r["b_name"]) for r in rows}) < len(rows):
             super()._update_steps(conn, rows)
             return
-        arrays = _arrays(rows, _STEP_UPDATE_PARAMS, STEP_UPDATE_COLUMNS)
         with _driver_cursor(conn) as cur:
-            cur.execute(self._arrays.update_steps, arrays)
+            cur.execute(self._arrays.update_steps, arrays(rows, STEP_UPDATE_COLUMNS))
 
     def _driver_params(
         self, stmt: Any, rows: Sequence[dict[str, Any]]
@@ -317,27 +315,6 @@ class PostgresStorage(SqlStorage):
 #: The database clock in epoch seconds. clock_timestamp(), not now(): leases compare against
 #: real time, not the transaction's start.
 _NOW = "(extract(epoch from clock_timestamp()))::float8"
-
-#: The repository's parameter names (``b_`` + name) of the array statements' columns.
-_SAGA_PARAMS = ("id", "saga_type", "definition_hash", "status", "input", "owner", "epoch", "lease")
-_STEP_INSERT_PARAMS = ("id", *(n for n, _ in STEP_INSERT_COLUMNS[1:]))
-_STEP_UPDATE_PARAMS = ("id", *(n for n, _ in STEP_UPDATE_COLUMNS[1:]))
-assert len(_SAGA_PARAMS) == len(SAGA_ARRAY_COLUMNS)
-
-
-def _arrays(
-    rows: Sequence[dict[str, Any]], params: Sequence[str], columns: Sequence[tuple[str, str]]
-) -> list[list[Any]]:
-    """One list per column: parameter ``b_<params[i]>`` of every row. psycopg refuses a list
-    mixing ``int`` and ``float`` (a lease of 30 beside one of 12.5), so the values of a
-    ``float8`` column are made floats."""
-    arrays = []
-    for name, (_, kind) in zip(params, columns, strict=True):
-        values = [r[f"b_{name}"] for r in rows]
-        if kind == "float8":
-            values = [None if v is None else float(v) for v in values]
-        arrays.append(values)
-    return arrays
 
 
 @contextlib.contextmanager

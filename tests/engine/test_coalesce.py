@@ -57,9 +57,9 @@ def make(recorder: Recorder, max_batch: int = 16, max_flushes: int = 1) -> Coale
     )
 
 
-async def test_every_caller_gets_its_own_result_from_one_flush_at_a_time() -> None:
-    rec = Recorder(delay=0.002)
-    co = make(rec)
+async def submit_all(co: Coalescer[int], count: int, pause_every: int = 0) -> dict[int, int]:
+    """Every caller's result: ``submit(n)`` for each ``n < count``, all started at once
+    (with a short pause after every ``pause_every``-th, if given)."""
     results: dict[int, int] = {}
 
     async def call(n: int) -> None:
@@ -67,8 +67,16 @@ async def test_every_caller_gets_its_own_result_from_one_flush_at_a_time() -> No
 
     with anyio.fail_after(30):
         async with anyio.create_task_group() as tg:
-            for n in range(300):
+            for n in range(count):
                 tg.start_soon(call, n)
+                if pause_every and n % pause_every == 0:
+                    await anyio.sleep(0.001)
+    return results
+
+
+async def test_every_caller_gets_its_own_result_from_one_flush_at_a_time() -> None:
+    rec = Recorder(delay=0.002)
+    results = await submit_all(make(rec), 300)
     assert results == {n: 2 * n for n in range(300)}
     flushed = [n for batch in rec.batches for n in batch]
     assert sorted(flushed) == list(range(300))  # each write flushed exactly once
@@ -82,18 +90,8 @@ async def test_with_two_flushes_allowed_two_run_at_once_and_never_more() -> None
     commits, the next is written. Every caller still gets its own result, each write is
     flushed once, and no third flush ever starts."""
     rec = Recorder(delay=0.002)
-    co = make(rec, max_flushes=2)
-    results: dict[int, int] = {}
-
-    async def call(n: int) -> None:
-        results[n] = await co.submit(n)
-
-    with anyio.fail_after(30):
-        async with anyio.create_task_group() as tg:
-            for n in range(600):
-                tg.start_soon(call, n)
-                if n % 50 == 0:
-                    await anyio.sleep(0.001)  # arrivals spread over the flushes
+    # Arrivals spread over the flushes.
+    results = await submit_all(make(rec, max_flushes=2), 600, pause_every=50)
     assert results == {n: 2 * n for n in range(600)}
     flushed = [n for batch in rec.batches for n in batch]
     assert sorted(flushed) == list(range(600))

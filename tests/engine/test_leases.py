@@ -33,6 +33,7 @@ from saga_core.errors import StorageError
 from saga_core.records import Fence, NewSaga
 from saga_storage import SqlStorage, create_storage
 from tests.engine.sagas import LOG, record
+from tests.support.threads import run_threads
 
 pytestmark = pytest.mark.anyio
 
@@ -486,25 +487,16 @@ def test_event_loops_in_other_threads_keep_their_own_renewals(
     """Per-loop state: sagas run by two event loops at once (as the sync facade's loop thread
     next to an application's loop) each keep their short lease."""
     results: dict[str, Any] = {}
-    errors: list[BaseException] = []
 
-    def run_one() -> None:
+    def run_one(_: int) -> None:
         async def main() -> None:
             sid = _sid()
             orch = SagaOrchestrator(storage, lease_seconds=0.3)
             results[sid] = await orch.execute(_Sleeper(), {"seconds": 0.8}, saga_id=sid)
 
-        try:
-            anyio.run(main, backend=backend)
-        except BaseException as exc:
-            errors.append(exc)
+        anyio.run(main, backend=backend)
 
-    threads = [threading.Thread(target=run_one) for _ in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(30)
-    assert not errors
+    assert run_threads(run_one, 2) == []
     assert len(results) == 2
     for sid in results:
         assert results[sid]["slept"] == 0.8

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -12,6 +11,7 @@ from sqlalchemy.engine import Engine
 from saga_storage import create_storage
 from saga_storage.migrations import latest_version
 from saga_storage.schema import build_tables
+from tests.support.threads import run_threads
 
 
 def _describe(engine: Engine) -> dict[str, Any]:
@@ -66,26 +66,7 @@ def test_concurrent_starters_migrate_once(fresh_url: Callable[[], str]) -> None:
     first = fresh_url()
     rounds = 20 if first.startswith("sqlite") else 3
     for url in [first, *(fresh_url() for _ in range(rounds - 1))]:
-        errors: list[BaseException] = []
-        barrier = threading.Barrier(4)
-
-        def start(
-            url: str = url,
-            errors: list[BaseException] = errors,
-            barrier: threading.Barrier = barrier,
-        ) -> None:
-            try:
-                barrier.wait()
-                create_storage(url).dispose()
-            except BaseException as exc:  # collected and asserted below
-                errors.append(exc)
-
-        threads = [threading.Thread(target=start) for _ in range(4)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(30)
-        assert errors == []
+        assert run_threads(lambda _, url=url: create_storage(url).dispose(), 4) == []
         storage = create_storage(url, migrate=False)
         with storage.engine.connect() as conn:
             versions = conn.execute(select(storage.tables.version.c.version)).scalars().all()
