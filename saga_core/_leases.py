@@ -6,23 +6,24 @@ the sagas' own (coalesced) writes. Here the runs of one store, owner and lease l
 ``LeaseGroup``, and renewals due at about the same time go out as one ``renew_leases`` call.
 
 * **Grid.** A run's next renewal is due at the *start* of the grid cell (``lease / 12`` long) in
-  which ``_keep_lease`` would have renewed it, so runs that started at different moments fall
-  on shared instants, and a run is never renewed later than a keeper of its own would have.
-* **Leader.** No background task (anyio has none that outlives its caller): each run waits in
-  its own task until its renewal is due. The first one due while no call is in flight becomes
-  the leader and renews, in one call, every run of the group due within one grid cell from
-  then; the others wait for that call to end, then see their new due time. The leader's
-  call is shielded, so cancelling the leader's run (it finished) never breaks the renewal the
-  others wait for; a waiter that is cancelled just stops waiting.
+  which a keeper of its own would have renewed it, so runs that started at different moments
+  fall on shared instants, and a run is never renewed later than that keeper would have.
+* **One driver per group.** A run registers (``LeaseKeeper.start``) and unregisters
+  (``stop``); it owns no task. The group's renewals are made by one driver task that sleeps
+  until the earliest due time, renews in one call every run due within one grid cell from
+  then, and exits when the group has no runs left. It is a *system* task of the event loop
+  (``asyncio`` ``create_task`` / ``trio.lowlevel.spawn_system_task``), not a child of any run:
+  a run that ends or is cancelled never takes the others' renewals with it, and its own lease
+  stays renewed until it unregisters, after any shielded compensation. A task per run cost
+  about a tenth of a saga's CPU (its creation, a timer and a cancel scope).
 * **Trust.** As in a keeper per run: a run trusts its lease until ``start + lease - margin``
   (``margin = lease / 4``), where ``start`` is the monotonic time at which the last successful
   call including it *started*. A failed call (``StorageError``) changes nothing but the retry
-  time; the first failure at or after that instant makes the run stop. A fence missing from a
-  call's answer means the lease was taken (or let go): that run, and only that one, stops.
-* **Ending.** A run that ends tells its keeper (``LeaseKeeper.stop``), which returns at once,
-  instead of being cancelled: a cancelled task leaves an exception and its traceback in a
-  reference cycle, which only the garbage collector frees; with thousands of sagas a second,
-  those collections cost more than the sagas' own work.
+  time; the first failure at or after that instant makes the run stop (its ``on_lost`` is
+  called). A fence missing from a call's answer means the lease was taken (or let go): that
+  run, and only that one, stops.
+* **Ending.** A run that ends unregisters; a renewal already in flight that included it
+  reports nothing to it (it may have let the lease go itself).
 
 State lives per event loop (``RunVar``): the sync facade runs its own loop thread, and events
 and tasks cannot cross loops.
@@ -30,13 +31,17 @@ and tasks cannot cross loops.
 
 from __future__ import annotations
 
+import asyncio
+import contextvars
 import logging
 import math
 import time
-from dataclasses import dataclass, field
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
+from typing import Any
 
 import anyio
-from anyio.lowlevel import RunVar, checkpoint_if_cancelled
+from anyio.lowlevel import RunVar
 
 from saga_core.errors import StorageError
 from saga_core.ports import SagaStore
@@ -47,7 +52,7 @@ __all__ = ["LeaseGroup", "LeaseKeeper", "keep_lease"]
 log = logging.getLogger("saga")
 
 #: Shortest wait between two attempts for one run, as the per-run keeper had: a call that took
-#: longer than the lease must not turn the keeper into a busy loop.
+#: longer than the lease must not turn the driver into a busy loop.
 MIN_WAIT = 0.01
 
 #: Fences per statement. Far more than the runs one process usually holds; it keeps the
@@ -63,29 +68,42 @@ class _Member:
     """One run's lease as its group sees it."""
 
     fence: Fence
+    #: Called once when the lease is lost (in the driver task; must not block).
+    on_lost: Callable[[], object] | None = None
     #: Monotonic start of the last successful renewal that included this run (registration
-    #: time until then: the keeper per run trusted a fresh lease from the moment it started).
-    last_start: float
+    #: time until then: a fresh lease is trusted from the moment the run registers).
+    last_start: float = 0.0
     #: The run acts for the saga until then without a further successful renewal.
-    trusted_until: float
+    trusted_until: float = 0.0
     #: When this run's next renewal attempt is due (monotonic).
     due: float = 0.0
     #: The lease was taken or could not be renewed in time: the run must stop.
     lost: bool = False
-    #: The run ended (``LeaseKeeper.stop``): its keeper returns without renewing it again.
+    #: The run ended (``LeaseKeeper.stop``): it is not renewed again.
     stopped: bool = False
-    #: Wakes the keeper: lost, stopped, or the call it waited for ended. Replaced after each
-    #: wake, so a run renewed ahead of its due time hears at once, not when it wakes.
-    wake: anyio.Event = field(default_factory=anyio.Event)
-
-    def signal(self, *, lost: bool = False, stopped: bool = False) -> None:
-        self.lost = self.lost or lost
-        self.stopped = self.stopped or stopped
-        self.wake.set()
+    #: Set when lost or stopped, for ``LeaseKeeper.hold`` (created only by it).
+    ended: anyio.Event | None = None
 
     @property
     def over(self) -> bool:
         return self.lost or self.stopped
+
+    def lose(self) -> None:
+        if self.over:
+            return
+        self.lost = True
+        if self.ended is not None:
+            self.ended.set()
+        if self.on_lost is not None:
+            try:
+                self.on_lost()
+            except Exception:  # the driver serves every run: one callback must not stop it
+                log.exception("saga %s: lease-lost callback failed", self.fence.saga_id)
+
+    def stop(self) -> None:
+        self.stopped = True
+        if self.ended is not None:
+            self.ended.set()
 
 
 class LeaseGroup:
@@ -95,7 +113,9 @@ class LeaseGroup:
     on behalf of one owner.
     """
 
-    def __init__(self, store: SagaStore, owner: str, lease_seconds: float) -> None:
+    def __init__(
+        self, store: SagaStore, owner: str, lease_seconds: float, registry: dict[_Key, LeaseGroup]
+    ) -> None:
         self.store = store
         self.owner = owner
         self.lease_seconds = lease_seconds
@@ -103,49 +123,35 @@ class LeaseGroup:
         self.margin = lease_seconds / 4  # trust ends this long before the lease would
         self.quantum = lease_seconds / 12  # the grid due times are aligned to
         self.members: set[_Member] = set()
-        #: A leader's call is in flight; the members in ``waiting`` are woken when it ends.
-        self.busy = False
-        self.waiting: set[_Member] = set()
+        #: This loop's groups, which holds this one while it has runs (or a driver).
+        self._registry = registry
+        self._driving = False
+        #: The driver sleeps until ``_until`` unless ``_nudge`` is set first.
+        self._until = math.inf
+        self._nudge: anyio.Event | None = None
 
-    async def hold(self, member: _Member) -> bool:
-        """Keep ``member``'s lease renewed with the rest of the group.
-
-        Returns True when the run must stop acting for the saga: the lease was taken by
-        another owner (or let go), or no renewal succeeded by the time the lease could no
-        longer be trusted; False once the member is stopped (its run ended). Cancelling the
-        caller unregisters the fence too, so a released lease is not renewed again.
-        """
-        if member.over:
-            return member.lost
+    def join(self, member: _Member) -> None:
+        """Register ``member``: its lease is trusted from now and renewed a period from now."""
         now = time.monotonic()
         member.last_start = now
         member.trusted_until = now + self.lease_seconds - self.margin
         member.due = self._grid(now + self.period)
         self.members.add(member)
-        try:
-            while not member.over:
-                if member.wake.is_set():
-                    member.wake = anyio.Event()
-                wait = member.due - time.monotonic()
-                if wait > 0:
-                    with anyio.move_on_after(wait):
-                        await member.wake.wait()
-                elif self.busy:
-                    # The call in flight may include this run (it was due within the leader's
-                    # window) or not (it became due meanwhile): look again once it ends.
-                    self.waiting.add(member)
-                    try:
-                        await member.wake.wait()
-                    finally:
-                        self.waiting.discard(member)
-                else:
-                    # A cancelled run (it ended) takes no lead: its shielded call would hold it.
-                    await checkpoint_if_cancelled()
-                    if not self.busy:
-                        await self._renew()
-        finally:
-            self.members.discard(member)
-        return member.lost
+        if not self._driving:
+            self._driving = True
+            _spawn_system_task(self._drive)
+        elif member.due < self._until:
+            self._wake_driver()
+
+    def leave(self, member: _Member) -> None:
+        """Unregister ``member``; the driver exits once no run is left."""
+        self.members.discard(member)
+        if not self.members:
+            self._wake_driver()
+
+    def _wake_driver(self) -> None:
+        if self._nudge is not None:
+            self._nudge.set()
 
     def _grid(self, t: float) -> float:
         """The start of the grid cell holding ``t``."""
@@ -156,29 +162,58 @@ class LeaseGroup:
         the latest when trust runs out (so a failing database is retried once more then)."""
         return max(now + MIN_WAIT, min(self._grid(now + self.period), trusted_until))
 
-    async def _renew(self) -> None:
-        """As leader: renew every run due within one grid cell from now."""
-        # No checkpoint between taking the lead and entering the shield: a cancelled leader
-        # either never took the lead or completes the call for everyone it took.
-        self.busy = True
+    async def _drive(self) -> None:
+        """Renew whatever is due, sleep until the next due time; exit when no run is left."""
         try:
-            horizon = time.monotonic() + self.quantum
-            batch: list[_Member] = []
-            sagas: set[str] = set()
-            for m in self.members:
-                # One fence per saga and call: the answer names sagas, not epochs, so a run
-                # lost to a newer run of the same saga here must not read the newer one's
-                # success as its own. The other stays due and goes in the next call.
-                if not m.over and m.due < horizon and m.fence.saga_id not in sagas:
-                    sagas.add(m.fence.saga_id)
-                    batch.append(m)
-            with anyio.CancelScope(shield=True):
-                for i in range(0, len(batch), MAX_FENCES):
-                    await self._renew_batch(batch[i : i + MAX_FENCES])
+            while self.members:
+                now = time.monotonic()
+                due = min(m.due for m in self.members)
+                if due > now:
+                    self._nudge, self._until = anyio.Event(), due
+                    with anyio.move_on_after(due - now):
+                        await self._nudge.wait()
+                    self._nudge, self._until = None, math.inf
+                else:
+                    await self._renew()
+        except Exception:
+            # A bug, not a database failure (those are handled per call): no run here can
+            # trust its lease any more, so each stops rather than act on an unrenewed lease.
+            log.exception("lease renewal for owner %s failed; stopping its runs", self.owner)
+            for m in list(self.members):
+                self.members.discard(m)
+                m.lose()
         finally:
-            self.busy = False
-            for m in self.waiting:
-                m.wake.set()
+            self._driving = False
+            self._nudge, self._until = None, math.inf
+            if not self.members:
+                self._forget()
+
+    def _forget(self) -> None:
+        # The key holds a store's id, which a new store may reuse once this one is gone.
+        key = (id(self.store), self.owner, self.lease_seconds)
+        if self._registry.get(key) is self:
+            del self._registry[key]
+
+    async def _renew(self) -> None:
+        """Renew every run due within one grid cell from now."""
+        horizon = time.monotonic() + self.quantum
+        batch: list[_Member] = []
+        sagas: set[str] = set()
+        for m in self.members:
+            # One fence per saga and call: the answer names sagas, not epochs, so a run lost
+            # to a newer run of the same saga here must not read the newer one's success as
+            # its own. The other stays due and goes in the next call.
+            if m.due < horizon and m.fence.saga_id not in sagas:
+                sagas.add(m.fence.saga_id)
+                batch.append(m)
+        # Shielded: the loop shutting down must not leave a call half-answered.
+        with anyio.CancelScope(shield=True):
+            for i in range(0, len(batch), MAX_FENCES):
+                await self._renew_batch(batch[i : i + MAX_FENCES])
+
+    def _lost(self, member: _Member) -> None:
+        self.members.discard(member)
+        member.lose()
 
     async def _renew_batch(self, batch: list[_Member]) -> None:
         started = time.monotonic()
@@ -189,20 +224,20 @@ class LeaseGroup:
         except StorageError as exc:
             ended = time.monotonic()
             for m in batch:
-                if m not in self.members:
+                if m.over:
                     continue  # its run ended during the call: nothing to report to it
                 if ended >= m.trusted_until:
                     log.warning("saga %s: cannot renew lease (%s)", m.fence.saga_id, exc)
-                    m.signal(lost=True)
+                    self._lost(m)
                 else:
                     m.due = self._next_due(ended, m.trusted_until)
             return
         ended = time.monotonic()
         for m in batch:
-            if m.stopped:
+            if m.over:
                 continue  # its run ended during the call (and may have let the lease go)
             if m.fence.saga_id not in held:
-                m.signal(lost=True)
+                self._lost(m)
                 continue
             # Trust follows the start of the call; a call that started before the run's last
             # success proves nothing newer (calls of a group never overlap, so this is a guard).
@@ -212,25 +247,58 @@ class LeaseGroup:
             m.due = self._next_due(ended, m.trusted_until)
 
 
+def _spawn_system_task(fn: Callable[[], Coroutine[Any, Any, None]]) -> None:
+    """Start ``fn()`` as a task of the running event loop that belongs to no caller.
+
+    ``fn`` must handle its own errors. On asyncio the task runs in an empty context, so it
+    carries none of the caller's context variables (a trace span, say) for its whole life.
+    """
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:  # not asyncio: anyio's other backend
+        import trio
+
+        trio.lowlevel.spawn_system_task(fn, name="saga-outbox lease renewals")
+        return
+    task = contextvars.Context().run(loop.create_task, fn(), name="saga-outbox lease renewals")
+    # The loop keeps only a weak reference to its tasks: hold this one until it ends.
+    _tasks.add(task)
+    task.add_done_callback(_tasks.discard)
+
+
+_tasks: set[asyncio.Task[None]] = set()
+
+
 class LeaseKeeper:
     """Keeps one run's lease renewed with the other runs of its event loop and lease group.
 
-    ``hold()`` (in a task of the run) returns True when the run must stop acting for the
-    saga (see ``LeaseGroup.hold``); ``stop()`` when the run ends makes it return False at
-    once (stopping before ``hold`` starts is fine: it then returns at once).
+    ``start()`` registers the run; ``on_lost`` is called (once, from the group's driver task)
+    when the run must stop acting for the saga: the lease was taken by another owner (or let
+    go), or no renewal succeeded by the time it could no longer be trusted. ``stop()`` when
+    the run ends unregisters it (stopping first makes a later ``start()`` do nothing).
     """
 
-    def __init__(self, store: SagaStore, fence: Fence, lease_seconds: float) -> None:
+    def __init__(
+        self,
+        store: SagaStore,
+        fence: Fence,
+        lease_seconds: float,
+        on_lost: Callable[[], object] | None = None,
+    ) -> None:
         self._store = store
         self._lease_seconds = lease_seconds
-        self._member = _Member(fence, last_start=0.0, trusted_until=0.0)
+        self._member = _Member(fence, on_lost)
+        self._group: LeaseGroup | None = None
 
-    def stop(self) -> None:
-        """The run ended: stop renewing its lease."""
-        self._member.signal(stopped=True)
+    @property
+    def lost(self) -> bool:
+        """Whether the lease was lost (``on_lost`` has been called)."""
+        return self._member.lost
 
-    async def hold(self) -> bool:
-        """Renew until the lease is lost (True) or ``stop()`` is called (False)."""
+    def start(self) -> None:
+        """Register with this event loop's group (must be called from within the loop)."""
+        if self._member.over or self._group is not None:
+            return
         try:
             groups = _groups.get()
         except LookupError:
@@ -240,22 +308,36 @@ class LeaseKeeper:
         group = groups.get(key)
         if group is None:
             group = groups[key] = LeaseGroup(
-                self._store, self._member.fence.owner, self._lease_seconds
+                self._store, self._member.fence.owner, self._lease_seconds, groups
             )
+        self._group = group
+        group.join(self._member)
+
+    def stop(self) -> None:
+        """The run ended: stop renewing its lease."""
+        self._member.stop()
+        if self._group is not None:
+            self._group.leave(self._member)
+
+    async def hold(self) -> bool:
+        """``start()``, then wait until the lease is lost (True) or ``stop()`` is called
+        (False); cancelling the caller stops the keeper."""
+        member = self._member
+        if member.ended is None:
+            member.ended = anyio.Event()
+        self.start()
         try:
-            return await group.hold(self._member)
+            if not member.over:
+                await member.ended.wait()
+            return member.lost
         finally:
-            # Forget an empty group (the key holds a store's id, which a new store may reuse
-            # once this one is gone); a group with a call in flight still has its leader as a
-            # member.
-            if not group.members and groups.get(key) is group:
-                del groups[key]
+            self.stop()
 
 
 async def keep_lease(store: SagaStore, fence: Fence, lease_seconds: float) -> None:
     """Keep ``fence``'s lease renewed together with the other runs of this event loop.
 
-    Returns when the run must stop acting for the saga (see ``LeaseGroup.hold``); runs until
+    Returns when the run must stop acting for the saga (see ``LeaseKeeper``); runs until
     cancelled otherwise.
     """
     await LeaseKeeper(store, fence, lease_seconds).hold()

@@ -42,20 +42,21 @@ class SagaRun(ForwardPhase, CompensationPhase):
     async def run(self) -> RunOutcome:
         """Drive the saga to a final (or FAILED) status, or until the lease is lost or the run
         suspends itself to wait for a retry."""
-        lease = LeaseKeeper(self.store, self.fence, self.lease_seconds)
+        # Renewed by the event loop's lease driver until stopped, after any shielded
+        # compensation too; a lost lease calls ``_lose`` (see saga_core._leases).
+        lease = LeaseKeeper(self.store, self.fence, self.lease_seconds, on_lost=self._lose)
+        lease.start()
         try:
-            async with anyio.create_task_group() as keeper:
-                keeper.start_soon(self._keep_lease, lease)
-                try:
-                    with anyio.CancelScope() as self._work_scope:
-                        async with anyio.create_task_group() as background:
-                            self._background = background
-                            await self._drive(background)
-                except BaseException as exc:
-                    if not ((self.lost or self.suspended) and _only(exc, LeaseLost)):
-                        raise
-                finally:
-                    lease.stop()  # not a cancellation: see saga_core._leases
+            try:
+                with anyio.CancelScope() as self._work_scope:
+                    async with anyio.create_task_group() as background:
+                        self._background = background
+                        await self._drive(background)
+            except BaseException as exc:
+                if not ((self.lost or self.suspended) and _only(exc, LeaseLost)):
+                    raise
+            finally:
+                lease.stop()
         except anyio.get_cancelled_exc_class():
             # The caller stopped waiting: leave the saga as recorded and free the lease so a
             # worker can continue it at once instead of after the lease expires.
@@ -67,18 +68,6 @@ class SagaRun(ForwardPhase, CompensationPhase):
         if self.outcome is None:  # lost or suspended: what is stored is the truth
             self.outcome = RunOutcome(self._snapshot())
         return self.outcome
-
-    async def _keep_lease(self, lease: LeaseKeeper) -> None:
-        """Renew the lease every third of its length; stop acting once it cannot be trusted.
-
-        Without a successful renewal by ``lease_until - margin`` (measured on the monotonic
-        clock from the last success), the run stops even if the database is unreachable: a
-        worker that cannot renew must assume another one takes over. Renewals are shared with
-        the other runs of this event loop (one statement for all that are due, see
-        ``saga_core._leases``); ``run`` stops it when it ends, which unregisters.
-        """
-        if await lease.hold():
-            self._lose()
 
     def cancel(self) -> None:
         """Stop starting steps, cancel the ones in flight, and compensate."""

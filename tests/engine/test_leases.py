@@ -7,6 +7,7 @@ renewals go through a dedicated engine, created on first use).
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 import uuid
@@ -25,11 +26,13 @@ from saga_core import (
     SagaStatus,
     SagaWorker,
     StepContext,
+    StepRejected,
     _leases,
+    compensate,
     step,
 )
 from saga_core._leases import LeaseKeeper, keep_lease
-from saga_core.errors import StorageError
+from saga_core.errors import SagaFailed, StorageError
 from saga_core.records import Fence, NewSaga
 from saga_storage import SqlStorage, create_storage
 from tests.engine.sagas import LOG, record
@@ -64,6 +67,27 @@ class _Sleeper(DeclarativeSaga):
             raise
         record(ctx, "do")
         return {"slept": ctx["seconds"]}
+
+
+class _SlowUndo(DeclarativeSaga):
+    """``book`` succeeds, ``fail`` fails at once; undoing ``book`` outlasts several leases."""
+
+    saga_type = "test-leases-slow-undo"
+
+    @step()
+    async def book(self, ctx: StepContext) -> dict[str, Any]:
+        record(ctx, "do")
+        return {}
+
+    @compensate("book")
+    async def unbook(self, ctx: StepContext) -> None:
+        record(ctx, "undo-start")
+        await anyio.sleep(ctx["undo_seconds"])
+        record(ctx, "undo")
+
+    @step(depends_on=["book"])
+    async def fail(self, ctx: StepContext) -> dict[str, Any]:
+        raise StepRejected("refused")
 
 
 @dataclass
@@ -339,50 +363,51 @@ async def test_an_older_run_of_a_saga_is_not_renewed_by_the_newer_one(
     assert ended == [old]
 
 
-async def test_cancelling_the_leader_leaves_the_others_renewed(
+async def test_a_run_cancelled_during_a_renewal_leaves_the_others_renewed(
     storage: SqlStorage, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The run whose task leads a renewal is cancelled while the call is in flight: the call
-    still completes for everyone in it, the others go on renewing, and the cancelled run's
-    lease is never renewed again."""
+    """A run is cancelled while a renewal including it is in flight: the call still completes
+    for everyone in it, the others go on renewing, and the cancelled run's lease is never
+    renewed again. (Renewals run in the loop's lease driver, a task of no run.)"""
     lease = 0.6
     renewals = _Renewals(storage, monkeypatch)
     fences = [await _leased(storage, "o", lease) for _ in range(5)]
     scopes: dict[str, anyio.CancelScope] = {}
-    task_of: dict[int, str] = {}
     ended: list[str] = []
-    leader: list[str] = []
+    victim: list[str] = []
+    driver_tasks: set[int] = set()
 
     async def hold(fence: Fence) -> None:
-        task_of[anyio.get_current_task().id] = fence.saga_id
         with anyio.CancelScope() as scopes[fence.saga_id]:
             await keep_lease(storage, fence, lease)
             ended.append(fence.saga_id)
 
-    async def cancel_leader(call: _Call) -> None:
-        if leader:
+    async def cancel_one(call: _Call) -> None:
+        driver_tasks.add(anyio.get_current_task().id)
+        if victim:
             return
-        leader.append(task_of[anyio.get_current_task().id])
-        scopes[leader[0]].cancel()
-        await anyio.sleep(0.05)  # the leader's cancellation is pending during the call
+        victim.append(call.ids[0])
+        scopes[victim[0]].cancel()
+        await anyio.sleep(0.05)  # the cancellation is delivered during the call
 
-    renewals.hook = cancel_leader
+    renewals.hook = cancel_one
     with anyio.fail_after(30):
         async with anyio.create_task_group() as tg:
             for f in fences:
                 tg.start_soon(hold, f)
-            while not leader:
+            while not victim:
                 await anyio.sleep(0.01)
             await anyio.sleep(3 * lease)
             tg.cancel_scope.cancel()
     first, later = renewals.calls[0], renewals.calls[1:]
-    assert first.held == {f.saga_id for f in fences}  # completed for all, leader included
+    assert first.held == {f.saga_id for f in fences}  # completed for all, victim included
     assert later
-    assert all(leader[0] not in c.ids for c in later)  # unregistered
+    assert all(victim[0] not in c.ids for c in later)  # unregistered
     for f in fences:
-        if f.saga_id != leader[0]:
+        if f.saga_id != victim[0]:
             assert any(c.held and f.saga_id in c.held for c in later)
     assert not ended  # nobody lost a lease
+    assert len(driver_tasks) == 1  # one driver made every call
 
 
 async def test_a_stopped_keeper_returns_at_once_and_is_not_renewed_again(
@@ -446,8 +471,13 @@ async def test_a_run_that_ends_during_a_renewal_is_not_told_it_lost_its_lease(
     with anyio.fail_after(30):
         async with anyio.create_task_group() as tg:
             tg.start_soon(hold)
-    assert renewals.calls and renewals.calls[0].held == set()  # the call did not find it
+        # The driver's call outlives the stopped keeper: let it end, then look.
+        while renewals.calls[0].ended is None:
+            await anyio.sleep(0.005)
+        await anyio.sleep(0.01)
+    assert renewals.calls[0].held == set()  # the call did not find it
     assert outcome == [False]
+    assert not keeper.lost
 
 
 async def test_a_large_batch_is_split_into_bounded_statements(
@@ -537,3 +567,72 @@ def test_a_renewal_locks_its_sagas_in_id_order(pg_url: str) -> None:
         assert renewed == [{fa.saga_id, fb.saga_id}]
     finally:
         storage.dispose()
+
+
+async def test_a_cancelled_caller_keeps_the_lease_renewed_through_shielded_compensation(
+    storage: SqlStorage,
+) -> None:
+    """The caller of ``execute`` is cancelled while its saga compensates: compensation is
+    shielded and goes on, so its lease must stay renewed until it ends. A rival worker polls
+    all along: with the lease left to expire it would take the saga over (a new epoch) and
+    undo ``book`` a second time."""
+    lease = 0.6
+    orch = SagaOrchestrator(storage, owner="a", lease_seconds=lease)
+    rival = SagaWorker(storage, sagas=[_SlowUndo], owner="rival", poll_interval=0.05)
+    sid = _sid()
+    with anyio.fail_after(30):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(rival.run)
+            with anyio.CancelScope() as caller:
+
+                async def cancel_when_undoing() -> None:
+                    while not any(k == "undo-start" for k, _, _ in LOG[sid]):
+                        await anyio.sleep(0.005)
+                    caller.cancel()
+
+                tg.start_soon(cancel_when_undoing)
+                # The shielded compensation ends the run: the caller may see its end
+                # (SagaFailed) before its cancellation is delivered.
+                with contextlib.suppress(SagaFailed):
+                    await orch.execute(_SlowUndo(), {"undo_seconds": 3 * lease}, saga_id=sid)
+            assert caller.cancel_called
+            state = await storage.load_saga(sid)
+            rival.stop()
+    assert state.status == SagaStatus.COMPENSATED
+    assert state.lease_epoch == 1  # never taken over
+    assert [k for k, s, _ in LOG[sid] if s == "book"] == ["do", "undo-start", "undo"]
+
+
+async def test_the_driver_exits_when_no_run_is_left_and_a_new_run_starts_another(
+    storage: SqlStorage, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Runs own no task: one driver per group renews them. When the last run stops, the driver
+    ends and the group is forgotten (nothing is left running in the loop); a run registering
+    afterwards gets a new driver and is renewed."""
+    lease = 0.6
+    renewals = _Renewals(storage, monkeypatch)
+    fences = [await _leased(storage, "o", lease) for _ in range(3)]
+    keepers = [LeaseKeeper(storage, f, lease) for f in fences]
+    for k in keepers:
+        k.start()
+    await anyio.sleep(lease / 2)  # at least one renewal
+    for k in keepers:
+        k.stop()
+    await anyio.sleep(0.05)
+    calls = len(renewals.calls)
+    assert calls >= 1
+    assert _leases._groups.get({}) == {}
+    assert not _leases._tasks  # asyncio: the driver task ended (trio: nothing to look at)
+    await anyio.sleep(lease)
+    assert len(renewals.calls) == calls  # nobody renews stopped runs
+
+    again = LeaseKeeper(storage, await _leased(storage, "o", lease), lease)
+    again.start()
+    try:
+        with anyio.fail_after(5):
+            while len(renewals.calls) == calls or renewals.calls[-1].ended is None:
+                await anyio.sleep(0.01)
+    finally:
+        again.stop()
+    assert renewals.calls[-1].held == {again._member.fence.saga_id}
+    assert not again.lost
