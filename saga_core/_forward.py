@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import replace
 from typing import Any
@@ -137,7 +138,8 @@ class ForwardPhase(RunBase):
                             what=f"step {name!r}",
                             limiter=self.limits.steps,
                             background=background,
-                            on_thread=lambda w: self.threads.__setitem__(name, w),
+                            # Not a lambda: closing over ``name`` puts cells in this frame.
+                            on_thread=functools.partial(self.threads.__setitem__, name),
                         )
                 except LeaseLost:
                     self._lose()
@@ -308,16 +310,20 @@ class ForwardPhase(RunBase):
     async def _record_success(self, sd: StepDefinition, row: StepState, result: Any) -> bool:
         """Record the success, and in the same transaction the first attempt of every step it
         unblocks, or, for the saga's last step, its completion: fewer commits per saga."""
+        # Plain loops, no generator expressions: closures over locals would keep cells in
+        # this frame for as long as the commit takes.
         ready = self._unblocked_by(sd.name)
-        opened = tuple(
-            self._open_attempt(n, self.steps[n].attempts + 1, self.steps[n].error) for n in ready
-        )
-        last = (
-            not ready
-            and self._in_flight == 1
-            and self.status == SagaStatus.RUNNING
-            and all(r.status == StepStatus.SUCCEEDED for n, r in self.steps.items() if n != sd.name)
-        )
+        steps = self.steps
+        opened_rows: list[StepState] = []
+        for n in ready:
+            opened_rows.append(self._open_attempt(n, steps[n].attempts + 1, steps[n].error))
+        opened = tuple(opened_rows)
+        last = not ready and self._in_flight == 1 and self.status == SagaStatus.RUNNING
+        if last:
+            for n, r in steps.items():
+                if n != sd.name and r.status != StepStatus.SUCCEEDED:
+                    last = False
+                    break
         write = self._success_write(sd, row, result, opened, complete=last)
         await self._commit(write, update_rows=False)
         self._apply_success(sd.name, write)

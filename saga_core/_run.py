@@ -48,10 +48,11 @@ class SagaRun(ForwardPhase, CompensationPhase):
         lease.start()
         try:
             try:
-                with anyio.CancelScope() as self._work_scope:
-                    async with anyio.create_task_group() as background:
-                        self._background = background
-                        await self._drive(background)
+                async with anyio.create_task_group() as background:
+                    # The group's own scope is the work scope: one scope less per run.
+                    self._work_scope = background.cancel_scope
+                    self._background = background
+                    await self._drive(background)
             except BaseException as exc:
                 if not ((self.lost or self.suspended) and _only(exc, LeaseLost)):
                     raise
