@@ -18,10 +18,10 @@ the sagas' own (coalesced) writes. Here the runs of one store, owner and lease l
   about a tenth of a saga's CPU (its creation, a timer and a cancel scope).
 * **Trust.** As in a keeper per run: a run trusts its lease until ``start + lease - margin``
   (``margin = lease / 4``), where ``start`` is the monotonic time at which the last successful
-  call including it *started*. A failed call (``StorageError``) changes nothing but the retry
-  time; the first failure at or after that instant makes the run stop (its ``on_lost`` is
-  called). A fence missing from a call's answer means the lease was taken (or let go): that
-  run, and only that one, stops.
+  call including it *started*. A failed call (any error: a pool timeout is no proof either)
+  changes nothing but the retry time; the first failure at or after that instant makes the
+  run stop (its ``on_lost`` is called). A fence missing from a call's answer means the lease
+  was taken (or let go): that run, and only that one, stops.
 * **Ending.** A run that ends unregisters; a renewal already in flight that included it
   reports nothing to it (it may have let the lease go itself).
 
@@ -125,7 +125,8 @@ class LeaseGroup:
         self.members: set[_Member] = set()
         #: This loop's groups, which holds this one while it has runs (or a driver).
         self._registry = registry
-        self._driving = False
+        #: The driver task (asyncio), or True for trio's; None when no driver runs.
+        self._driver: object | None = None
         #: The driver sleeps until ``_until`` unless ``_nudge`` is set first.
         self._until = math.inf
         self._nudge: anyio.Event | None = None
@@ -137,9 +138,12 @@ class LeaseGroup:
         member.trusted_until = now + self.lease_seconds - self.margin
         member.due = self._grid(now + self.period)
         self.members.add(member)
-        if not self._driving:
-            self._driving = True
-            _spawn_system_task(self._drive)
+        if self._driver is None:
+            try:
+                self._driver = _spawn_system_task(self._drive)
+            except BaseException:  # e.g. trio's system nursery closing at shutdown
+                self.members.discard(member)
+                raise
         elif member.due < self._until:
             self._wake_driver()
 
@@ -176,14 +180,18 @@ class LeaseGroup:
                 else:
                     await self._renew()
         except Exception:
-            # A bug, not a database failure (those are handled per call): no run here can
-            # trust its lease any more, so each stops rather than act on an unrenewed lease.
+            # A bug in this module (a failed call is handled per call): no run here can trust
+            # its lease any more, so each stops rather than act on an unrenewed lease.
             log.exception("lease renewal for owner %s failed; stopping its runs", self.owner)
             for m in list(self.members):
                 self.members.discard(m)
                 m.lose()
         finally:
-            self._driving = False
+            # Cancelled (the loop is shutting down, and its runs with it): the runs left are
+            # not told anything, since a run told it lost its lease would stop handling its
+            # own cancellation. Fencing keeps their writes safe; a run that registers next
+            # starts a new driver.
+            self._driver = None  # also breaks the group -> task -> coroutine -> group cycle
             self._nudge, self._until = None, math.inf
             if not self.members:
                 self._forget()
@@ -221,11 +229,14 @@ class LeaseGroup:
             held = await self.store.renew_leases(
                 self.owner, [m.fence for m in batch], self.lease_seconds
             )
-        except StorageError as exc:
+        except Exception as exc:
+            # A failed call proves nothing either way: retry until trust runs out. Not only
+            # StorageError: a pool timeout or a disposed engine must not stop every run.
+            live = [m for m in batch if not m.over]  # ended runs need nothing (nor a log)
+            if live and not isinstance(exc, StorageError):
+                log.warning("lease renewal for owner %s failed: %r", self.owner, exc)
             ended = time.monotonic()
-            for m in batch:
-                if m.over:
-                    continue  # its run ended during the call: nothing to report to it
+            for m in live:
                 if ended >= m.trusted_until:
                     log.warning("saga %s: cannot renew lease (%s)", m.fence.saga_id, exc)
                     self._lost(m)
@@ -247,8 +258,10 @@ class LeaseGroup:
             m.due = self._next_due(ended, m.trusted_until)
 
 
-def _spawn_system_task(fn: Callable[[], Coroutine[Any, Any, None]]) -> None:
-    """Start ``fn()`` as a task of the running event loop that belongs to no caller.
+def _spawn_system_task(fn: Callable[[], Coroutine[Any, Any, None]]) -> object:
+    """Start ``fn()`` as a task of the running event loop that belongs to no caller; returns
+    a reference the caller must hold until the task ends (asyncio's loop holds its tasks only
+    weakly).
 
     ``fn`` must handle its own errors. On asyncio the task runs in an empty context, so it
     carries none of the caller's context variables (a trace span, say) for its whole life.
@@ -259,14 +272,8 @@ def _spawn_system_task(fn: Callable[[], Coroutine[Any, Any, None]]) -> None:
         import trio
 
         trio.lowlevel.spawn_system_task(fn, name="saga-outbox lease renewals")
-        return
-    task = contextvars.Context().run(loop.create_task, fn(), name="saga-outbox lease renewals")
-    # The loop keeps only a weak reference to its tasks: hold this one until it ends.
-    _tasks.add(task)
-    task.add_done_callback(_tasks.discard)
-
-
-_tasks: set[asyncio.Task[None]] = set()
+        return True
+    return contextvars.Context().run(loop.create_task, fn(), name="saga-outbox lease renewals")
 
 
 class LeaseKeeper:

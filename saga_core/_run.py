@@ -45,9 +45,9 @@ class SagaRun(ForwardPhase, CompensationPhase):
         # Renewed by the event loop's lease driver until stopped, after any shielded
         # compensation too; a lost lease calls ``_lose`` (see saga_core._leases).
         lease = LeaseKeeper(self.store, self.fence, self.lease_seconds, on_lost=self._lose)
-        lease.start()
         try:
             try:
+                lease.start()
                 async with anyio.create_task_group() as background:
                     # The group's own scope is the work scope: one scope less per run.
                     self._work_scope = background.cancel_scope

@@ -106,6 +106,8 @@ class _Renewals:
     def __init__(self, storage: SqlStorage, monkeypatch: pytest.MonkeyPatch) -> None:
         self.calls: list[_Call] = []
         self.refuse = False
+        #: What a refused call raises.
+        self.refusal: Exception = StorageError("renewal refused (injected)")
         #: Runs inside the call, before the database is asked (in the caller's task).
         self.hook: Callable[[_Call], Awaitable[None]] | None = None
         self._real = storage.renew_leases
@@ -118,7 +120,7 @@ class _Renewals:
             await self.hook(call)
         if self.refuse:
             call.ended = time.monotonic()
-            raise StorageError("renewal refused (injected)")
+            raise self.refusal
         held = await self._real(owner, fences, lease_seconds)
         call.ended, call.held = time.monotonic(), held
         return held
@@ -501,6 +503,9 @@ async def test_a_large_batch_is_split_into_bounded_statements(
                 tg.start_soon(hold, f)
             await anyio.sleep(2 * lease)
             tg.cancel_scope.cancel()
+        # The driver's call may outlive the cancelled keepers: let it end, then look.
+        while renewals.calls[-1].ended is None:
+            await anyio.sleep(0.005)
     assert renewals.calls
     assert all(len(c.ids) <= 2 for c in renewals.calls)
     for c in renewals.calls:
@@ -621,8 +626,7 @@ async def test_the_driver_exits_when_no_run_is_left_and_a_new_run_starts_another
     await anyio.sleep(0.05)
     calls = len(renewals.calls)
     assert calls >= 1
-    assert _leases._groups.get({}) == {}
-    assert not _leases._tasks  # asyncio: the driver task ended (trio: nothing to look at)
+    assert _leases._groups.get({}) == {}  # the driver ended and forgot its group
     await anyio.sleep(lease)
     assert len(renewals.calls) == calls  # nobody renews stopped runs
 
@@ -636,3 +640,55 @@ async def test_the_driver_exits_when_no_run_is_left_and_a_new_run_starts_another
         again.stop()
     assert renewals.calls[-1].held == {again._member.fence.saga_id}
     assert not again.lost
+
+
+async def test_an_unexpected_renewal_error_is_retried_like_a_refusal(
+    storage: SqlStorage, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A renewal failing with something other than ``StorageError`` (a pool timeout, say)
+    proves nothing about the leases: the runs keep them while they can trust them, and the
+    next renewal renews them."""
+    lease = 0.6
+    renewals = _Renewals(storage, monkeypatch)
+    renewals.refusal = RuntimeError("pool timeout (injected)")
+    fences = [await _leased(storage, "o", lease) for _ in range(3)]
+    keepers = [LeaseKeeper(storage, f, lease) for f in fences]
+    renewals.refuse = True
+    for k in keepers:
+        k.start()
+    try:
+        with anyio.fail_after(10):
+            while not renewals.calls:
+                await anyio.sleep(0.005)
+            renewals.refuse = False
+            while not any(c.held for c in renewals.calls):
+                await anyio.sleep(0.005)
+    finally:
+        for k in keepers:
+            k.stop()
+    assert renewals.calls[0].held is None  # the first call failed
+    assert renewals.calls[-1].held == {f.saga_id for f in fences}
+    assert not any(k.lost for k in keepers)
+
+
+async def test_a_driver_that_cannot_start_fails_the_run_and_leaves_nothing_behind(
+    storage: SqlStorage, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Starting the renewal driver fails (as trio refuses system tasks while shutting down):
+    ``execute`` raises that error at once instead of hanging, the group keeps no member and no
+    phantom driver, and the next saga runs normally."""
+
+    def refuse(fn: Any) -> object:
+        fn().close()  # the coroutine was made: close it unawaited
+        raise RuntimeError("system nursery is closed (injected)")
+
+    orch = SagaOrchestrator(storage, lease_seconds=0.6)
+    monkeypatch.setattr(_leases, "_spawn_system_task", refuse)
+    with anyio.fail_after(10), pytest.raises(RuntimeError, match="system nursery"):
+        await orch.execute(_Sleeper(), {"seconds": 0}, saga_id=_sid())
+    for group in _leases._groups.get({}).values():
+        assert not group.members
+        assert group._driver is None
+    monkeypatch.undo()
+    result = await orch.execute(_Sleeper(), {"seconds": 0.5}, saga_id=_sid())
+    assert result["slept"] == 0.5
