@@ -3,8 +3,8 @@ headers that were stored, which keeps their stored JSON text and parses it only 
 
 Properties, for any str -> str headers encoded as the outbox stores them:
 
-* the mapping equals the headers (both ways round), with the same keys, values, length,
-  ``get`` answers and iteration order as the parsed text;
+* the mapping equals the headers (both ways round), with the same keys, values, items,
+  length, ``get`` and ``in`` answers and iteration order as the parsed text;
 * ``json`` is the stored text itself, and handing it on (as the Redis adapter does) parses
   nothing: a relay round publishing to Redis never decodes its events' headers.
 """
@@ -34,6 +34,12 @@ def test_stored_headers_read_as_the_headers_stored(stored: dict[str, str], probe
     for name, value in stored.items():
         assert h[name] == value
     assert h != {**stored, "extra-header": "x"}
+    # The views are the parsed dict's own (faster than the Mapping mixins), and read-only.
+    parsed = json.loads(text)
+    assert list(h.items()) == list(parsed.items())
+    assert list(h.keys()) == list(parsed) and list(h.values()) == list(parsed.values())
+    assert (probe in h) == (probe in stored)
+    assert not hasattr(h.items(), "__setitem__")
 
 
 @settings(max_examples=50, deadline=None)
