@@ -15,13 +15,14 @@ the sagas' own (coalesced) writes. Here the runs of one store, owner and lease l
   (``asyncio`` ``create_task`` / ``trio.lowlevel.spawn_system_task``), not a child of any run:
   a run that ends or is cancelled never takes the others' renewals with it, and its own lease
   stays renewed until it unregisters, after any shielded compensation. A task per run cost
-  about a tenth of a saga's CPU (its creation, a timer and a cancel scope).
+  about a quarter of a saga's CPU (its creation, a timer, a cancel scope, a task group).
 * **Trust.** As in a keeper per run: a run trusts its lease until ``start + lease - margin``
   (``margin = lease / 4``), where ``start`` is the monotonic time at which the last successful
   call including it *started*. A failed call (any error: a pool timeout is no proof either)
   changes nothing but the retry time; the first failure at or after that instant makes the
-  run stop (its ``on_lost`` is called). A fence missing from a call's answer means the lease
-  was taken (or let go): that run, and only that one, stops.
+  run stop (its ``on_lost`` is called), and so does a call still in flight at that instant
+  (a renewal that does not answer never stretches trust). A fence missing from a call's
+  answer means the lease was taken (or let go): that run, and only that one, stops.
 * **Ending.** A run that ends unregisters; a renewal already in flight that included it
   reports nothing to it (it may have let the lease go itself).
 
@@ -216,8 +217,32 @@ class LeaseGroup:
                 batch.append(m)
         # Shielded: the loop shutting down must not leave a call half-answered.
         with anyio.CancelScope(shield=True):
-            for i in range(0, len(batch), MAX_FENCES):
-                await self._renew_batch(batch[i : i + MAX_FENCES])
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self._expire_while_waiting)
+                for i in range(0, len(batch), MAX_FENCES):
+                    await self._renew_batch(batch[i : i + MAX_FENCES])
+                tg.cancel_scope.cancel()
+
+    async def _expire_while_waiting(self) -> None:
+        """While a call is in flight, stop every run whose trust runs out meanwhile.
+
+        A call that does not answer (a connection gone silent, a lock held elsewhere) must not
+        stretch any run's trust: without this, runs would go on acting until the call ended,
+        possibly long after another worker took their sagas over.
+        """
+        while True:
+            until = min((m.trusted_until for m in self.members), default=math.inf)
+            if until == math.inf:
+                await anyio.sleep_forever()
+            delay = until - time.monotonic()
+            if delay > 0:
+                await anyio.sleep(delay)
+                continue
+            now = time.monotonic()
+            for m in list(self.members):
+                if now >= m.trusted_until:
+                    log.warning("saga %s: lease renewal did not answer in time", m.fence.saga_id)
+                    self._lost(m)
 
     def _lost(self, member: _Member) -> None:
         self.members.discard(member)

@@ -692,3 +692,46 @@ async def test_a_driver_that_cannot_start_fails_the_run_and_leaves_nothing_behin
     monkeypatch.undo()
     result = await orch.execute(_Sleeper(), {"seconds": 0.5}, saga_id=_sid())
     assert result["slept"] == 0.5
+
+
+async def test_a_renewal_that_does_not_answer_stops_runs_when_trust_ends(
+    storage: SqlStorage, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A renewal call hangs (a connection gone silent): it must not stretch trust. Every run
+    stops once its trust ends (start of its last successful renewal + lease - lease / 4), not
+    before, and long before the call would have returned."""
+    lease = 0.6
+    hang = 20.0
+    renewals = _Renewals(storage, monkeypatch)
+    hanging = [False]
+
+    async def hang_once(call: _Call) -> None:
+        if hanging[0]:
+            hanging[0] = False
+            with anyio.CancelScope() as scope:
+                hung.append(scope)
+                await anyio.sleep(hang)
+
+    hung: list[anyio.CancelScope] = []
+    renewals.hook = hang_once
+    orch = SagaOrchestrator(storage)
+    ids = [await orch.start(_Sleeper(), {"seconds": 5.0}, saga_id=_sid()) for _ in range(4)]
+    worker = SagaWorker(storage, sagas=[_Sleeper], owner="a", lease_seconds=lease)
+    began = time.monotonic()
+    with anyio.fail_after(15):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(worker.run_once)
+            while not all(renewals.trusted_until(s, lease) for s in ids):
+                await anyio.sleep(0.005)
+            hanging[0] = True  # the next call hangs
+            while not all(s in STOPPED for s in ids):
+                await anyio.sleep(0.01)
+        for scope in hung:
+            scope.cancel()  # let the hung call end (the test is over)
+    assert hung  # a call did hang
+    for sid in ids:
+        trusted_until = renewals.trusted_until(sid, lease)
+        assert trusted_until is not None
+        assert trusted_until - SKEW <= STOPPED[sid] < trusted_until + 0.5  # not before, not late
+        assert "do" not in [k for k, _, _ in LOG[sid]]
+    assert time.monotonic() - began < hang
