@@ -32,7 +32,8 @@ def _new(sid: str, amount: int = 1) -> NewSaga:
 @contextlib.contextmanager
 def _statements_sent(storage: SqlStorage, monkeypatch: pytest.MonkeyPatch) -> Iterator[list[str]]:
     """Every statement sent to the database meanwhile (an ``executemany`` counts once): on
-    PostgreSQL counted on psycopg's cursor, which the storage also uses without SQLAlchemy."""
+    PostgreSQL counted on psycopg's cursor, which the storage also uses without SQLAlchemy;
+    on SQLite with SQLAlchemy's events, and the batches sent on sqlite3's cursor."""
     sent: list[str] = []
     if storage.dialect == "postgresql":
         import psycopg
@@ -52,6 +53,17 @@ def _statements_sent(storage: SqlStorage, monkeypatch: pytest.MonkeyPatch) -> It
     def count(conn: object, cursor: object, stmt: str, *args: object) -> None:
         sent.append(stmt)
 
+    # SQLite sends batches of rows on sqlite3's own cursor (no SQLAlchemy event): a call of
+    # ``_execute_many`` that SQLAlchemy did not see went there, as one executemany.
+    direct = storage._execute_many
+
+    def execute_many(conn: Any, stmt: Any, rows: Any) -> None:
+        seen = len(sent)
+        direct(conn, stmt, rows)
+        if len(sent) == seen:
+            sent.append(str(stmt.compile(dialect=storage.engine.dialect)))
+
+    monkeypatch.setattr(storage, "_execute_many", execute_many)
     event.listen(storage.engine, "before_cursor_execute", count)
     try:
         yield sent
@@ -309,6 +321,29 @@ async def test_an_event_id_stored_already_is_refused_alike_on_every_dialect(
     with pytest.raises(sa_exc.IntegrityError), storage.engine.begin() as conn:
         storage.append_outbox_many([other, first], conn=conn)
     assert _count_outbox(storage) == 1
+
+
+def test_a_sqlite_batch_failure_is_reported_as_a_single_row_failure_is(tmp_path: Any) -> None:
+    """SQLite sends a batch of rows on sqlite3's own cursor: a failure there is SQLAlchemy's
+    ``DBAPIError`` naming the cause, as for one row (which SQLAlchemy sends; the storage's
+    writers turn both into ``StorageError``), and nothing of the transaction is kept."""
+    storage = create_storage(f"sqlite:///{tmp_path / 'broken.db'}")
+    try:
+        one = [OutboxEvent(event_type="t", payload={}, aggregate_id="k")]
+        many = [OutboxEvent(event_type="t", payload={}, aggregate_id=f"k{i}") for i in range(3)]
+        with storage.engine.begin() as conn:  # a real fault: the outbox table is gone
+            conn.exec_driver_sql(f"ALTER TABLE {storage.tables.outbox.name} RENAME TO gone")
+        for events in (one, many):
+            with (
+                pytest.raises(sa_exc.DBAPIError, match="no such table"),
+                storage.engine.begin() as conn,
+            ):
+                storage.append_outbox_many(events, conn=conn)
+        keys = select(func.count()).select_from(storage.tables.outbox_key)
+        with storage.engine.connect() as conn:  # the key rows of the failed batches: none
+            assert conn.execute(keys).scalar() == 0
+    finally:
+        storage.dispose()
 
 
 async def test_statements_over_key_lists_have_one_text_for_any_number_of_keys(
