@@ -19,10 +19,11 @@ the sagas' own (coalesced) writes. Here the runs of one store, owner and lease l
 * **Trust.** As in a keeper per run: a run trusts its lease until ``start + lease - margin``
   (``margin = lease / 4``), where ``start`` is the monotonic time at which the last successful
   call including it *started*. A failed call (any error: a pool timeout is no proof either)
-  changes nothing but the retry time; the first failure at or after that instant makes the
-  run stop (its ``on_lost`` is called), and so does a call still in flight at that instant
-  (a renewal that does not answer never stretches trust). A fence missing from a call's
-  answer means the lease was taken (or let go): that run, and only that one, stops.
+  changes nothing but the retry time, the last retry a grid cell before trust ends so that
+  its answer can still count. When trust ends the run stops (its ``on_lost`` is called),
+  whether or not a call is in flight (a renewal that does not answer never stretches
+  trust). A fence missing from a call's answer means the lease was taken (or let go): that
+  run, and only that one, stops.
 * **Ending.** A run that ends unregisters; a renewal already in flight that included it
   reports nothing to it (it may have let the lease go itself).
 
@@ -164,8 +165,13 @@ class LeaseGroup:
 
     def _next_due(self, now: float, trusted_until: float) -> float:
         """When to try next after an attempt that ended at ``now``: a period later, but at
-        the latest when trust runs out (so a failing database is retried once more then)."""
-        return max(now + MIN_WAIT, min(self._grid(now + self.period), trusted_until))
+        the latest a grid cell before trust runs out, so that a failing database is retried
+        once more while an answer can still count (a call in flight when trust ends stops
+        its runs, see ``_expire_while_waiting``)."""
+        due = min(self._grid(now + self.period), trusted_until - self.quantum)
+        if due <= now:  # no useful attempt left: the run is stopped when its trust ends
+            due = trusted_until
+        return max(now + MIN_WAIT, due)
 
     async def _drive(self) -> None:
         """Renew whatever is due, sleep until the next due time; exit when no run is left."""
@@ -204,8 +210,13 @@ class LeaseGroup:
             del self._registry[key]
 
     async def _renew(self) -> None:
-        """Renew every run due within one grid cell from now."""
-        horizon = time.monotonic() + self.quantum
+        """Stop the runs whose trust has ended; renew every run due within one grid cell."""
+        now = time.monotonic()
+        for m in list(self.members):
+            if now >= m.trusted_until:
+                log.warning("saga %s: lease not renewed in time", m.fence.saga_id)
+                self._lost(m)
+        horizon = now + self.quantum
         batch: list[_Member] = []
         sagas: set[str] = set()
         for m in self.members:
@@ -215,6 +226,8 @@ class LeaseGroup:
             if m.due < horizon and m.fence.saga_id not in sagas:
                 sagas.add(m.fence.saga_id)
                 batch.append(m)
+        if not batch:
+            return
         # Shielded: the loop shutting down must not leave a call half-answered.
         with anyio.CancelScope(shield=True):
             async with anyio.create_task_group() as tg:

@@ -116,14 +116,18 @@ class SqliteStorage(SqlStorage):
                 for row in values
             ]
         driver = conn.connection.driver_connection
-        assert isinstance(driver, sqlite3.Connection)
+        if not isinstance(driver, sqlite3.Connection):  # another SQLite driver: SQLAlchemy's way
+            super()._execute_many(conn, stmt, rows)
+            return
         cur = driver.cursor()
         try:
             cur.executemany(sql, values)
-        except sqlite3.IntegrityError as exc:  # as SQLAlchemy reports it: an id stored already
-            raise sa_exc.IntegrityError("(batched statement)", None, exc) from exc
-        except sqlite3.Error as exc:  # reported as every storage failure (writers retry)
-            raise sa_exc.DBAPIError("(batched statement)", None, exc) from exc
+        except sqlite3.Error as exc:
+            # The class SQLAlchemy would raise (IntegrityError for an id stored already,
+            # OperationalError...): the application's own transaction may be the caller.
+            raise sa_exc.DBAPIError.instance(
+                "(batched statement)", None, exc, sqlite3.Error
+            ) from exc
         finally:
             cur.close()
 

@@ -324,9 +324,10 @@ async def test_an_event_id_stored_already_is_refused_alike_on_every_dialect(
 
 
 def test_a_sqlite_batch_failure_is_reported_as_a_single_row_failure_is(tmp_path: Any) -> None:
-    """SQLite sends a batch of rows on sqlite3's own cursor: a failure there is SQLAlchemy's
-    ``DBAPIError`` naming the cause, as for one row (which SQLAlchemy sends; the storage's
-    writers turn both into ``StorageError``), and nothing of the transaction is kept."""
+    """SQLite sends a batch of rows on sqlite3's own cursor: a failure there is the class
+    SQLAlchemy raises for one row (which it sends itself), ``OperationalError`` here, naming
+    the cause (the storage's writers turn both into ``StorageError``), and nothing of the
+    transaction is kept."""
     storage = create_storage(f"sqlite:///{tmp_path / 'broken.db'}")
     try:
         one = [OutboxEvent(event_type="t", payload={}, aggregate_id="k")]
@@ -335,7 +336,7 @@ def test_a_sqlite_batch_failure_is_reported_as_a_single_row_failure_is(tmp_path:
             conn.exec_driver_sql(f"ALTER TABLE {storage.tables.outbox.name} RENAME TO gone")
         for events in (one, many):
             with (
-                pytest.raises(sa_exc.DBAPIError, match="no such table"),
+                pytest.raises(sa_exc.OperationalError, match="no such table"),
                 storage.engine.begin() as conn,
             ):
                 storage.append_outbox_many(events, conn=conn)
