@@ -49,7 +49,7 @@ from saga_core.errors import StorageError
 from saga_core.ports import SagaStore
 from saga_core.records import Fence
 
-__all__ = ["LeaseGroup", "LeaseKeeper", "keep_lease"]
+__all__ = ["LeaseGroup", "LeaseKeeper"]
 
 log = logging.getLogger("saga")
 
@@ -83,8 +83,6 @@ class _Member:
     lost: bool = False
     #: The run ended (``LeaseKeeper.stop``): it is not renewed again.
     stopped: bool = False
-    #: Set when lost or stopped, for ``LeaseKeeper.hold`` (created only by it).
-    ended: anyio.Event | None = None
 
     @property
     def over(self) -> bool:
@@ -94,8 +92,6 @@ class _Member:
         if self.over:
             return
         self.lost = True
-        if self.ended is not None:
-            self.ended.set()
         if self.on_lost is not None:
             try:
                 self.on_lost()
@@ -104,8 +100,6 @@ class _Member:
 
     def stop(self) -> None:
         self.stopped = True
-        if self.ended is not None:
-            self.ended.set()
 
 
 class LeaseGroup:
@@ -212,10 +206,7 @@ class LeaseGroup:
     async def _renew(self) -> None:
         """Stop the runs whose trust has ended; renew every run due within one grid cell."""
         now = time.monotonic()
-        for m in list(self.members):
-            if now >= m.trusted_until:
-                log.warning("saga %s: lease not renewed in time", m.fence.saga_id)
-                self._lost(m)
+        self._expire(now, "lease not renewed in time")
         horizon = now + self.quantum
         batch: list[_Member] = []
         sagas: set[str] = set()
@@ -250,12 +241,15 @@ class LeaseGroup:
             delay = until - time.monotonic()
             if delay > 0:
                 await anyio.sleep(delay)
-                continue
-            now = time.monotonic()
-            for m in list(self.members):
-                if now >= m.trusted_until:
-                    log.warning("saga %s: lease renewal did not answer in time", m.fence.saga_id)
-                    self._lost(m)
+            else:
+                self._expire(time.monotonic(), "lease renewal did not answer in time")
+
+    def _expire(self, now: float, why: str) -> None:
+        """Stop every run whose trust has ended by ``now``."""
+        for m in list(self.members):
+            if now >= m.trusted_until:
+                log.warning("saga %s: %s", m.fence.saga_id, why)
+                self._lost(m)
 
     def _lost(self, member: _Member) -> None:
         self.members.discard(member)
@@ -363,26 +357,3 @@ class LeaseKeeper:
         self._member.stop()
         if self._group is not None:
             self._group.leave(self._member)
-
-    async def hold(self) -> bool:
-        """``start()``, then wait until the lease is lost (True) or ``stop()`` is called
-        (False); cancelling the caller stops the keeper."""
-        member = self._member
-        if member.ended is None:
-            member.ended = anyio.Event()
-        self.start()
-        try:
-            if not member.over:
-                await member.ended.wait()
-            return member.lost
-        finally:
-            self.stop()
-
-
-async def keep_lease(store: SagaStore, fence: Fence, lease_seconds: float) -> None:
-    """Keep ``fence``'s lease renewed together with the other runs of this event loop.
-
-    Returns when the run must stop acting for the saga (see ``LeaseKeeper``); runs until
-    cancelled otherwise.
-    """
-    await LeaseKeeper(store, fence, lease_seconds).hold()

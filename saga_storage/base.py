@@ -6,7 +6,7 @@ from __future__ import annotations
 import contextlib
 import functools
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any, ClassVar, TypeVar, cast
+from typing import Any, ClassVar, NamedTuple, TypeVar, cast
 
 import anyio
 from sqlalchemy import Connection, Engine, Select, bindparam
@@ -22,6 +22,19 @@ from saga_storage.schema import Tables, build_tables
 from saga_storage.statements import Statements
 
 T = TypeVar("T")
+
+
+class DriverStatement(NamedTuple):
+    """A statement compiled for sending on the driver's own cursor."""
+
+    sql: str
+    #: Parameter names in the order of the SQL's positional parameters (``?``); empty for a
+    #: dialect with named parameters.
+    names: tuple[str, ...]
+    #: Values of the statement's own literals (``version + 1``, ``status = 'PENDING'``).
+    literals: dict[str, Any]
+    #: Bind processors by parameter name (e.g. Float's ``to_float``, Boolean's check).
+    processors: dict[str, Callable[[Any], Any]]
 
 
 class StorageBase:
@@ -67,6 +80,8 @@ class StorageBase:
         )
         # Lease renewals never wait behind a busy limiter either.
         self._lease_limiter = LoopLocal(f"saga_leases_{id(self)}", lambda: anyio.CapacityLimiter(1))
+        # By id: the statements are attributes of this storage and live as long as it does.
+        self._driver_statements: dict[int, DriverStatement] = {}
 
     # --- dialect hooks ---------------------------------------------------------------------
     def _now(self) -> ColumnElement[float]:
@@ -99,6 +114,38 @@ class StorageBase:
         """``stmt`` (no result rows) once per parameter set of ``rows``, in ``conn``'s
         transaction; dialects may send them faster than SQLAlchemy's executemany."""
         conn.execute(stmt, rows)
+
+    # --- the driver's own cursor: batches without SQLAlchemy's per-row work -----------------
+    def _driver_statement(self, stmt: Any) -> DriverStatement:
+        """``stmt`` compiled for this engine's driver, once per statement."""
+        cached = self._driver_statements.get(id(stmt))
+        if cached is None:
+            compiled = stmt.compile(dialect=self.engine.dialect)
+            literals = {
+                k: v
+                for k, v in compiled.construct_params({}, _check=False).items()
+                if not k.startswith("b_")
+            }
+            cached = self._driver_statements[id(stmt)] = DriverStatement(
+                compiled.string,
+                tuple(compiled.positiontup or ()),
+                literals,
+                dict(compiled._bind_processors),
+            )
+        return cached
+
+    def _driver_params(
+        self, stmt: Any, rows: Sequence[dict[str, Any]]
+    ) -> tuple[DriverStatement, list[dict[str, Any]]]:
+        """``stmt`` compiled for the driver, and each parameter set of ``rows`` as the driver
+        takes it: the statement's own literals added, each value through its type's bind
+        processor (the parameters are already plain values under their bind names)."""
+        compiled = self._driver_statement(stmt)
+        params = [{**compiled.literals, **r} for r in rows]
+        for name, process in compiled.processors.items():
+            for p in params:
+                p[name] = process(p[name])
+        return compiled, params
 
     @contextlib.contextmanager
     def _write(self) -> Iterator[Connection]:
@@ -174,8 +221,11 @@ class StorageBase:
         self.engine.dispose()
 
     async def aclose(self) -> None:
-        """Close every pooled connection (async form of :meth:`dispose`)."""
-        await self._run(self.dispose)
+        """Close every pooled connection (async form of :meth:`dispose`), once a lease
+        renewal this event loop has in flight ended: the renewals outlive the runs they
+        serve by up to one call, and would otherwise race the closing pool."""
+        async with self._lease_limiter.get():  # held by a renewal call while it runs
+            await self._run(self.dispose)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.engine.url.render_as_string(hide_password=True)!r})"

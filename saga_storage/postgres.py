@@ -105,7 +105,6 @@ class PostgresStorage(SqlStorage):
         self._channel = f"{self.tables.outbox.name}_events"
         self._listener: Any = None
         self._listen_limiter: RunVar[anyio.CapacityLimiter] = RunVar(f"saga_listen_{id(self)}")
-        self._compiled_cache: dict[int, tuple[str, dict[str, Any], dict[str, Any]]] = {}
         self._arrays = array_statements(engine, self.tables, _NOW)
 
     @contextlib.contextmanager
@@ -151,10 +150,10 @@ class PostgresStorage(SqlStorage):
         one pipelined round trip, without SQLAlchemy's per-row work (the parameters are already
         plain values under their bind names). With ``returning``, whether each returned a row.
         """
-        sql, params = self._driver_params(stmt, rows)
+        compiled, params = self._driver_params(stmt, rows)
         found: list[bool] = []
         with _driver_cursor(conn) as cur:
-            cur.executemany(sql, params, returning=returning)
+            cur.executemany(compiled.sql, params, returning=returning)
             while returning:
                 found.append(cur.fetchone() is not None)
                 if not cur.nextset():
@@ -166,9 +165,9 @@ class PostgresStorage(SqlStorage):
     def _fetch_all(self, conn: Connection, stmt: Any, params: dict[str, Any]) -> Sequence[Any]:
         # A relay round reads a thousand rows: SQLAlchemy's per-row result processing would
         # cost more than the query (the columns are plain text, integers and floats).
-        sql, (values,) = self._driver_params(stmt, [params])
+        compiled, (values,) = self._driver_params(stmt, [params])
         with _driver_cursor(conn) as cur:
-            cur.execute(sql, values)
+            cur.execute(compiled.sql, values)
             return cur.fetchall()
 
     def _take_seqs(
@@ -210,33 +209,6 @@ class PostgresStorage(SqlStorage):
             return
         with _driver_cursor(conn) as cur:
             cur.execute(self._arrays.update_steps, arrays(rows, STEP_UPDATE_COLUMNS))
-
-    def _driver_params(
-        self, stmt: Any, rows: Sequence[dict[str, Any]]
-    ) -> tuple[str, list[dict[str, Any]]]:
-        """``stmt``'s SQL for psycopg and each parameter set of ``rows`` as psycopg takes it:
-        the statement's own literals added, each value through its type's bind processor."""
-        sql, defaults, processors = self._compiled(stmt)
-        params = [{**defaults, **r} for r in rows]
-        for name, process in processors.items():  # e.g. Boolean's check of its value
-            for p in params:
-                p[name] = process(p[name])
-        return sql, params
-
-    def _compiled(self, stmt: Any) -> tuple[str, dict[str, Any], dict[str, Any]]:
-        """``stmt``'s SQL for psycopg, the values of its own literals (``version + 1``) and
-        the bind processors of its parameters."""
-        cached = self._compiled_cache.get(id(stmt))
-        if cached is None:
-            compiled = stmt.compile(dialect=self.engine.dialect)
-            literals = {
-                k: v
-                for k, v in compiled.construct_params({}, _check=False).items()
-                if not k.startswith("b_")
-            }
-            processors = dict(compiled._bind_processors)
-            cached = self._compiled_cache[id(stmt)] = (compiled.string, literals, processors)
-        return cached
 
     def _now(self) -> ColumnElement[float]:
         return literal_column(_NOW)

@@ -11,7 +11,7 @@ import contextlib
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from sqlalchemy import Connection, Engine, create_engine, event, literal_column
@@ -95,8 +95,6 @@ class SqliteStorage(SqlStorage):
         # An in-memory database is one shared connection: serialise everything on one thread.
         super().__init__(engine, prefix=prefix, max_threads=1 if memory else 4)
         self._write_lock = threading.Lock()
-        # Statements are attributes of this storage, so their ids stay theirs.
-        self._positional_cache: dict[int, Any] = {}
 
     def _now(self) -> ColumnElement[float]:
         return literal_column("((julianday('now') - 2440587.5) * 86400.0)")
@@ -105,23 +103,16 @@ class SqliteStorage(SqlStorage):
         """``stmt`` for every parameter set in ``rows`` on the transaction's sqlite3
         connection: SQLAlchemy's executemany costs more per row than SQLite's insert (the
         outbox rows and step records of every commit go through here)."""
-        if len(rows) < 2:
-            super()._execute_many(conn, stmt, rows)
-            return
-        sql, names, literals, processors = self._positional(stmt)
-        values = [tuple([r[n] if n in r else literals[n] for n in names]) for r in rows]
-        if processors:  # e.g. Float's to_float on timestamps
-            values = [
-                tuple([p(v) if p else v for p, v in zip(processors, row, strict=True)])
-                for row in values
-            ]
         driver = conn.connection.driver_connection
-        if not isinstance(driver, sqlite3.Connection):  # another SQLite driver: SQLAlchemy's way
+        # One row, or another SQLite driver than sqlite3: SQLAlchemy's way.
+        if len(rows) < 2 or not isinstance(driver, sqlite3.Connection):
             super()._execute_many(conn, stmt, rows)
             return
+        compiled, params = self._driver_params(stmt, rows)
+        values = [tuple([p[n] for n in compiled.names]) for p in params]  # "?" parameters
         cur = driver.cursor()
         try:
-            cur.executemany(sql, values)
+            cur.executemany(compiled.sql, values)
         except sqlite3.Error as exc:
             # The class SQLAlchemy would raise (IntegrityError for an id stored already,
             # OperationalError...): the application's own transaction may be the caller.
@@ -130,30 +121,6 @@ class SqliteStorage(SqlStorage):
             ) from exc
         finally:
             cur.close()
-
-    def _positional(
-        self, stmt: Any
-    ) -> tuple[str, list[str], dict[str, Any], list[Callable[[Any], Any] | None] | None]:
-        """``stmt``'s SQL for sqlite3 (``?`` parameters), its parameter names in order, the
-        values of its own literals, and each parameter's bind processor (None if none has)."""
-        cached = self._positional_cache.get(id(stmt))
-        if cached is None:
-            compiled = stmt.compile(dialect=self.engine.dialect)
-            names = list(compiled.positiontup or ())
-            literals = {
-                k: v
-                for k, v in compiled.construct_params({}, _check=False).items()
-                if not k.startswith("b_")
-            }
-            found = compiled._bind_processors
-            processors = [found.get(n) for n in names] if found else None
-            cached = self._positional_cache[id(stmt)] = (
-                compiled.string,
-                names,
-                literals,
-                processors,
-            )
-        return cached
 
     def _insert(self, table: Any) -> Insert:
         return sqlite_insert(table)

@@ -8,6 +8,8 @@ renewals go through a dedicated engine, created on first use).
 from __future__ import annotations
 
 import contextlib
+import contextvars
+import functools
 import threading
 import time
 import uuid
@@ -31,7 +33,7 @@ from saga_core import (
     compensate,
     step,
 )
-from saga_core._leases import LeaseKeeper, keep_lease
+from saga_core._leases import LeaseKeeper
 from saga_core.errors import SagaFailed, StorageError
 from saga_core.records import Fence, NewSaga
 from saga_storage import SqlStorage, create_storage
@@ -149,6 +151,18 @@ def renewal_statements() -> Iterator[list[str]]:
         yield seen
     finally:
         event.remove(Engine, "before_cursor_execute", count)
+
+
+async def keep_lease(storage: SqlStorage, fence: Fence, lease_seconds: float) -> None:
+    """Hold ``fence``'s lease with this loop's renewals, as a run does; returns once the lease
+    is lost (runs until cancelled otherwise, and unregisters then)."""
+    lost = anyio.Event()
+    keeper = LeaseKeeper(storage, fence, lease_seconds, on_lost=lost.set)
+    keeper.start()
+    try:
+        await lost.wait()
+    finally:
+        keeper.stop()
 
 
 async def _leased(storage: SqlStorage, owner: str, lease_seconds: float) -> Fence:
@@ -414,41 +428,38 @@ async def test_a_run_cancelled_during_a_renewal_leaves_the_others_renewed(
     assert len(driver_tasks) == 1  # one driver made every call
 
 
-async def test_a_stopped_keeper_returns_at_once_and_is_not_renewed_again(
+async def test_a_stopped_keeper_leaves_at_once_and_is_not_renewed_again(
     storage: SqlStorage, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A run that ends stops its keeper instead of cancelling it (a cancelled task leaves a
-    reference cycle for the garbage collector): ``hold`` returns False at once, long before
-    the next renewal, and the stopped lease is never renewed again while the others are.
-    A keeper stopped before it started holding returns at once too."""
+    """A run that ends stops its keeper (no task to cancel: a cancelled task leaves a
+    reference cycle for the garbage collector): it leaves its group at once, long before the
+    next renewal, and the stopped lease is never renewed again while the others are. A keeper
+    stopped before it started never joins."""
     lease = 0.6
     renewals = _Renewals(storage, monkeypatch)
     fences = [await _leased(storage, "o", lease) for _ in range(3)]
-    keepers = [LeaseKeeper(storage, f, lease) for f in fences]
-    returned: dict[int, tuple[bool, float]] = {}
-
-    async def hold(i: int) -> None:
-        returned[i] = (await keepers[i].hold(), time.monotonic())
-
-    keepers[2].stop()  # before its task runs
+    lost: list[int] = []
+    keepers = [
+        LeaseKeeper(storage, f, lease, on_lost=functools.partial(lost.append, i))
+        for i, f in enumerate(fences)
+    ]
+    keepers[2].stop()  # before it starts
+    for k in keepers:
+        k.start()
+    group = keepers[0]._group
+    assert group is not None and keepers[2]._group is None
     with anyio.fail_after(30):
-        async with anyio.create_task_group() as tg:
-            for i in range(3):
-                tg.start_soon(hold, i)
-            await anyio.sleep(0.05)
-            stopped = time.monotonic()
-            keepers[0].stop()
-            while 0 not in returned:
-                await anyio.sleep(0.001)
-            await anyio.sleep(3 * lease)  # keeper 1 renews meanwhile
-            keepers[1].stop()
-    assert returned[0][0] is False and returned[0][1] - stopped < lease / 3  # not at a renewal
-    assert returned[1][0] is False and returned[2][0] is False
+        await anyio.sleep(0.05)
+        keepers[0].stop()
+        assert keepers[0]._member not in group.members  # at once, not at a renewal
+        await anyio.sleep(3 * lease)  # keeper 1 renews meanwhile
+        keepers[1].stop()
     assert renewals.calls
     assert all(
         fences[0].saga_id not in c.ids and fences[2].saga_id not in c.ids for c in renewals.calls
     )
     assert sum(fences[1].saga_id in (c.held or ()) for c in renewals.calls) >= 2
+    assert not lost
 
 
 async def test_a_run_that_ends_during_a_renewal_is_not_told_it_lost_its_lease(
@@ -456,31 +467,26 @@ async def test_a_run_that_ends_during_a_renewal_is_not_told_it_lost_its_lease(
 ) -> None:
     """A run that lets its lease go (it finished, or suspended itself) and stops its keeper
     while a renewal including it is in flight: the renewal no longer finds the saga held,
-    which is no news to a stopped run, so its keeper returns False (not lost)."""
+    which is no news to a stopped run, so it is not told it lost its lease."""
     lease = 0.6
     renewals = _Renewals(storage, monkeypatch)
     fence = await _leased(storage, "o", lease)
-    keeper = LeaseKeeper(storage, fence, lease)
-    outcome: list[bool] = []
+    lost: list[bool] = []
+    keeper = LeaseKeeper(storage, fence, lease, on_lost=functools.partial(lost.append, True))
 
     async def end_the_run(call: _Call) -> None:
         await storage.release(fence)  # the run's last write let the lease go
         keeper.stop()
 
     renewals.hook = end_the_run
-
-    async def hold() -> None:
-        outcome.append(await keeper.hold())
-
+    keeper.start()
     with anyio.fail_after(30):
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(hold)
         # The driver's call outlives the stopped keeper: let it end, then look.
-        while renewals.calls[0].ended is None:
+        while not renewals.calls or renewals.calls[0].ended is None:
             await anyio.sleep(0.005)
         await anyio.sleep(0.01)
     assert renewals.calls[0].held == set()  # the call did not find it
-    assert outcome == [False]
+    assert not lost
     assert not keeper.lost
 
 
@@ -769,3 +775,74 @@ async def test_the_last_retry_before_trust_ends_can_still_save_the_lease(
     # Trust ran from registration (about when the first call was due, a period earlier).
     registered = first.started - lease / 3
     assert third.started < registered + lease * 3 / 4
+
+
+_CALLER_VAR: contextvars.ContextVar[str] = contextvars.ContextVar("caller_var", default="unset")
+
+
+async def test_the_driver_carries_none_of_the_callers_context_variables(
+    storage: SqlStorage, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The driver task outlives the run that started it and serves every run: it must not
+    carry that run's context variables (a trace span, say) into the calls it makes for all."""
+    lease = 0.6
+    renewals = _Renewals(storage, monkeypatch)
+    seen: list[str] = []
+
+    async def look(call: _Call) -> None:
+        seen.append(_CALLER_VAR.get())
+
+    renewals.hook = look
+    token = _CALLER_VAR.set("the first run's span")
+    try:
+        keeper = LeaseKeeper(storage, await _leased(storage, "o", lease), lease)
+        keeper.start()
+    finally:
+        _CALLER_VAR.reset(token)
+    try:
+        with anyio.fail_after(10):
+            while not renewals.calls or renewals.calls[0].ended is None:
+                await anyio.sleep(0.005)
+    finally:
+        keeper.stop()
+    assert seen[0] == "unset"
+
+
+async def test_closing_the_storage_waits_for_a_renewal_in_flight(
+    storage: SqlStorage, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The last run ends while the driver's renewal call is in flight (the call outlives the
+    runs it serves): ``aclose`` waits for that call before it closes the pool under it. The
+    call is held up for real: another transaction holds the saga's row (PostgreSQL) or the
+    database's write lock (SQLite)."""
+    lease = 0.6
+    target = create_storage(storage.engine.url.render_as_string(hide_password=False))
+    renewals = _Renewals(target, monkeypatch)
+    fence = await _leased(target, "o", lease)
+    keeper = LeaseKeeper(target, fence, lease)
+    sagas = target.tables.sagas
+    blocker = target.engine.connect()
+    blocker.begin()  # SQLite: BEGIN IMMEDIATE, the write lock
+    blocker.execute(update(sagas).where(sagas.c.id == fence.saga_id).values(note="held"))
+    released: list[float] = []
+
+    async def release_later() -> None:
+        await anyio.sleep(0.3)
+        released.append(time.monotonic())
+        blocker.commit()
+        blocker.close()
+
+    keeper.start()
+    with anyio.fail_after(20):
+        while not renewals.calls:
+            await anyio.sleep(0.005)
+        await anyio.sleep(0.05)  # the call now waits for the lock, in its thread
+        keeper.stop()  # the last run ends
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(release_later)
+            await target.aclose()
+            closed = time.monotonic()
+    ended = renewals.calls[0].ended
+    assert released and ended is not None
+    assert released[0] <= ended <= closed  # the call ended after the lock went, then the pool
+    assert renewals.calls[0].held is not None  # and was answered
