@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import anyio
 
+from benchmarks._measure import GC_ENV, apply_gc_threshold, parse_gc_threshold
 from benchmarks._servers import BROKERS, STORAGES
 from benchmarks.report import render, write_json
 from benchmarks.runner import PEERS, SUITES, SuiteConfig, run_suite
@@ -27,6 +29,14 @@ def _csv(allowed: Sequence[str]) -> Callable[[str], tuple[str, ...]]:
         return items
 
     return parse
+
+
+def _gc_threshold(text: str) -> str:
+    try:
+        parse_gc_threshold(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
 
 
 def parser() -> argparse.ArgumentParser:
@@ -70,6 +80,14 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--sequential", type=int, default=None, help="sagas run one by one")
     p.add_argument("--no-latency", action="store_true", help="skip the outbox latency runs")
     p.add_argument("--no-progress", action="store_true", help="no progress display")
+    p.add_argument(
+        "--gc-threshold",
+        type=_gc_threshold,
+        default=None,
+        metavar="G0,G1,G2",
+        help="garbage collector thresholds for ours and the peers alike (gc.set_threshold; "
+        "Python's default is 700,10,10; docs/operations.md explains 700,10,100)",
+    )
     return p
 
 
@@ -101,6 +119,9 @@ def config_from(args: argparse.Namespace) -> SuiteConfig:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    if args.gc_threshold is not None:
+        os.environ[GC_ENV] = args.gc_threshold  # inherited by the peers' processes
+    apply_gc_threshold()
     config = config_from(args)
     started = time.perf_counter()
     results = anyio.run(run_suite, config)

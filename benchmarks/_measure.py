@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import math
 import os
 import platform
@@ -79,12 +80,37 @@ def _machine_times() -> Any:
     return psutil.cpu_times()
 
 
+#: How ``--gc-threshold`` reaches the peers' processes (they copy our environment).
+GC_ENV = "SAGA_BENCH_GC_THRESHOLD"
+
+
+def parse_gc_threshold(text: str) -> tuple[int, int, int]:
+    """``"700,10,100"`` as ``gc.set_threshold`` arguments; ValueError naming what is wrong."""
+    parts = [p.strip() for p in text.split(",")]
+    if len(parts) != 3 or not all(p.isdigit() for p in parts) or int(parts[0]) < 1:
+        raise ValueError(
+            f"GC threshold {text!r}: expected three non-negative integers G0,G1,G2 with G0 >= 1 "
+            "(Python's default is 700,10,10)"
+        )
+    g0, g1, g2 = (int(p) for p in parts)
+    return g0, g1, g2
+
+
+def apply_gc_threshold() -> None:
+    """Set the garbage collector's thresholds from ``GC_ENV`` if it is set (ours and peers:
+    every engine of a run is measured with the same collector settings)."""
+    text = os.environ.get(GC_ENV)
+    if text:
+        gc.set_threshold(*parse_gc_threshold(text))
+
+
 def machine() -> dict[str, Any]:
     """What the numbers were measured on."""
     info: dict[str, Any] = {
         "python": platform.python_version(),
         "platform": platform.platform(),
         "cpus": os.cpu_count(),
+        "gc_threshold": list(gc.get_threshold()),
     }
     try:
         with open("/proc/cpuinfo") as f:

@@ -1,21 +1,47 @@
-"""Runs one peer workload in a process of its own: ``python -m benchmarks._peer_runner JSON``.
+"""Runs one workload in a process of its own: ``python -m benchmarks._peer_runner JSON``.
 
 Peers set process-wide state on import (sagaz calls ``logging.basicConfig``; DBOS is a
-singleton with threads of its own), so each runs isolated and prints one JSON line.
-The PostgreSQL schema is created and dropped by the parent (:mod:`benchmarks.peers`).
+singleton with threads of its own), so each runs isolated and prints one JSON line. Our own
+saga cases run the same way, so that every engine starts from a fresh interpreter: a process
+that already ran the other cases holds more objects, and each full pass of the garbage
+collector walks all of them. A peer's PostgreSQL schema is created and dropped by the parent
+(:mod:`benchmarks.peers`); our cases make their own database as in-process.
 """
 
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import logging
+import os
+import subprocess
 import sys
 import time
 import uuid
 from typing import Any
 
-from benchmarks._measure import Meter, percentile, rate
+from benchmarks._measure import Meter, apply_gc_threshold, percentile, rate
+
+
+def run_isolated(args: dict[str, Any], timeout: float) -> dict[str, Any]:
+    """Run the workload ``args`` describes in a new interpreter; its result, or RuntimeError."""
+    env = dict(os.environ)
+    env.setdefault("LOG_LEVEL", "WARNING")  # sagaz configures the root logger from it
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks._peer_runner", json.dumps(args)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+        check=False,
+    )
+    for line in reversed(proc.stdout.splitlines()):
+        if line.startswith("PEER-RESULT "):
+            result: dict[str, Any] = json.loads(line[len("PEER-RESULT ") :])
+            return result
+    tail = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
+    raise RuntimeError(f"exit {proc.returncode}: {tail[:300]}")
 
 
 def _quiet() -> None:
@@ -320,8 +346,18 @@ async def _rabbit_count_and_delete(url: str, exchange: str, expected: int) -> in
     return count
 
 
+# --- ours -----------------------------------------------------------------------------------
+async def ours_saga(args: dict[str, Any]) -> dict[str, Any]:
+    """One of our saga cases (:func:`benchmarks.saga.saga_case_here`)."""
+    from benchmarks.saga import SagaSizes, saga_case_here
+
+    sizes = SagaSizes(sequential=args["sequential"], concurrent={args["shape"]: args["concurrent"]})
+    return await saga_case_here(args["storage"], args["shape"], sizes)
+
+
 def main() -> None:
     args = json.loads(sys.argv[1])
+    apply_gc_threshold()  # the same collector settings as the parent run
     started = time.perf_counter()
     kind = args["kind"]
     if kind == "sagaz-saga":
@@ -330,9 +366,12 @@ def main() -> None:
         out = dbos_workflow(args)
     elif kind == "sagaz-outbox":
         out = asyncio.run(sagaz_outbox(args))
+    elif kind == "saga-outbox-saga":
+        out = asyncio.run(ours_saga(args))
     else:
         raise SystemExit(f"unknown peer workload {kind!r}")
     out["seconds"] = time.perf_counter() - started
+    out["gc_threshold"] = list(gc.get_threshold())
     print("PEER-RESULT " + json.dumps(out), flush=True)
 
 

@@ -11,14 +11,12 @@ What each persists matters more than its speed, so every row says it (``PERSISTS
 from __future__ import annotations
 
 import importlib.util
-import json
-import os
 import subprocess
-import sys
 from typing import Any
 
 import anyio
 
+from benchmarks._peer_runner import run_isolated
 from benchmarks._servers import RABBIT_URL, REDIS_URL, fresh_database, libpq_url, postgres_available
 
 #: What each engine writes for one 3-step saga; shown beside its numbers.
@@ -63,25 +61,6 @@ def peer_available(module: str) -> str | None:
     return None
 
 
-def _run(args: dict[str, Any], timeout: float) -> dict[str, Any]:
-    env = dict(os.environ)
-    env.setdefault("LOG_LEVEL", "WARNING")  # sagaz configures the root logger from it
-    proc = subprocess.run(
-        [sys.executable, "-m", "benchmarks._peer_runner", json.dumps(args)],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=env,
-        check=False,
-    )
-    for line in reversed(proc.stdout.splitlines()):
-        if line.startswith("PEER-RESULT "):
-            result: dict[str, Any] = json.loads(line[len("PEER-RESULT ") :])
-            return result
-    tail = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
-    raise RuntimeError(f"exit {proc.returncode}: {tail[:300]}")
-
-
 async def peer_saga(peer: str, sequential: int, concurrent: int) -> dict[str, Any]:
     """The 3-step saga on ``peer`` ("sagaz", "sagaz+outbox" or "dbos") on PostgreSQL."""
     module = "dbos" if peer == "dbos" else "sagaz"
@@ -109,7 +88,7 @@ async def peer_saga(peer: str, sequential: int, concurrent: int) -> dict[str, An
             "outbox": peer == "sagaz+outbox",
         }
         try:
-            row.update(await anyio.to_thread.run_sync(_run, args, 600.0))
+            row.update(await anyio.to_thread.run_sync(run_isolated, args, 600.0))
         except (RuntimeError, subprocess.TimeoutExpired) as exc:
             row["skipped"] = f"failed: {exc}"
     return row
@@ -151,7 +130,7 @@ async def peer_outbox(broker: str, events: int, per_key: int, commit_batch: int)
             "round": SAGAZ_BATCH,
         }
         try:
-            row.update(await anyio.to_thread.run_sync(_run, args, 600.0))
+            row.update(await anyio.to_thread.run_sync(run_isolated, args, 600.0))
         except (RuntimeError, subprocess.TimeoutExpired) as exc:
             row["skipped"] = f"failed: {exc}"
     return row

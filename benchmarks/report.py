@@ -400,12 +400,20 @@ def attach_peer_ratios(results: Row) -> None:
             p["ours_vs_peer"] = ours_saga["sagas_per_s"] / p["sagas_per_s"]
 
 
+def _gc_note(threshold: Any) -> str:
+    """The collector's thresholds, when a run set them (ours and the peers alike)."""
+    if not threshold or tuple(threshold) == (700, 10, 10):
+        return ""
+    return f", GC thresholds {','.join(str(t) for t in threshold)} (ours and peers)"
+
+
 def render(results: Row) -> str:
     """Every table of a run, ready to print (or paste into docs/benchmarks.md)."""
     m = results["machine"]
     parts = [
         f"saga-outbox benchmarks ({results['mode']}) at {m.get('commit') or '?'}: "
         f"{m.get('cpus')} CPUs ({m.get('cpu_model', '?')}), Python {m.get('python')}"
+        + _gc_note(m.get("gc_threshold"))
     ]
     if results.get("outbox"):
         parts.append(outbox_table(results["outbox"]))

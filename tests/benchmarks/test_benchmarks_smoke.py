@@ -15,10 +15,11 @@ import anyio
 import pytest
 
 from benchmarks.__main__ import main
+from benchmarks._measure import GC_ENV, parse_gc_threshold
 from benchmarks.outbox import OutboxSizes
 from benchmarks.report import render, write_json
 from benchmarks.runner import SuiteConfig, run_suite
-from benchmarks.saga import SagaSizes
+from benchmarks.saga import SagaSizes, saga_case
 from tests.support.services import IN_CI, port_open, require_server
 
 pytestmark = pytest.mark.slow
@@ -150,3 +151,25 @@ def test_command_line_writes_the_table_and_json(
 def test_unknown_names_are_refused() -> None:
     with pytest.raises(SystemExit):
         main(["outbox", "--brokers", "carrier-pigeon"])
+
+
+def test_our_saga_case_runs_in_a_fresh_process_with_the_runs_gc_thresholds(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Ours is measured as the peers are: in a new interpreter, with the collector settings
+    of the run (``--gc-threshold``), which the result records."""
+    monkeypatch.setenv(GC_ENV, "900,11,55")
+    row = anyio.run(saga_case, "sqlite", "3-step", TINY_SAGA)
+    assert row["gc_threshold"] == [900, 11, 55]
+    assert row["consistent"] is True and row["concurrent"] == 12, row
+
+
+@pytest.mark.parametrize("bad", ["1,2", "700,10,x", "0,10,10", "-1,10,10", ""])
+def test_a_bad_gc_threshold_is_refused_naming_it(
+    bad: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(ValueError, match="GC threshold"):
+        parse_gc_threshold(bad)
+    with pytest.raises(SystemExit):
+        main(["saga", "--gc-threshold", bad])
+    assert "--gc-threshold" in capsys.readouterr().err
