@@ -15,7 +15,7 @@ import anyio
 from benchmarks._measure import GC_ENV, apply_gc_threshold, parse_gc_threshold
 from benchmarks._servers import BROKERS, STORAGES
 from benchmarks.report import render, write_json
-from benchmarks.runner import PEERS, SUITES, SuiteConfig, run_suite
+from benchmarks.runner import EXTRA_SUITES, PEERS, SUITES, SuiteConfig, run_suite
 
 
 def _csv(allowed: Sequence[str]) -> Callable[[str], tuple[str, ...]]:
@@ -45,7 +45,11 @@ def parser() -> argparse.ArgumentParser:
         description="saga-outbox benchmarks: outbox relay, sagas, and peers, against "
         "baselines measured in the same run.",
     )
-    p.add_argument("suite", choices=(*SUITES, "all"), help="what to run")
+    p.add_argument(
+        "suite",
+        choices=(*SUITES, *EXTRA_SUITES, "all"),
+        help="what to run (all: " + ", ".join(SUITES) + ")",
+    )
     p.add_argument("--quick", action="store_true", help="small sizes (all --quick: < 3 min)")
     p.add_argument(
         "--json",

@@ -11,12 +11,15 @@ collector walks all of them. A peer's PostgreSQL schema is created and dropped b
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import gc
 import json
 import logging
 import os
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from typing import Any
@@ -24,24 +27,90 @@ from typing import Any
 from benchmarks._measure import Meter, apply_gc_threshold, percentile, rate
 
 
-def run_isolated(args: dict[str, Any], timeout: float) -> dict[str, Any]:
-    """Run the workload ``args`` describes in a new interpreter; its result, or RuntimeError."""
+def _command(args: dict[str, Any]) -> list[str]:
+    return [sys.executable, "-m", "benchmarks._peer_runner", json.dumps(args)]
+
+
+def _env() -> dict[str, str]:
     env = dict(os.environ)
     env.setdefault("LOG_LEVEL", "WARNING")  # sagaz configures the root logger from it
-    proc = subprocess.run(
-        [sys.executable, "-m", "benchmarks._peer_runner", json.dumps(args)],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=env,
-        check=False,
-    )
-    for line in reversed(proc.stdout.splitlines()):
+    return env
+
+
+def _result(stdout: str, returncode: int | None, stderr: str) -> dict[str, Any]:
+    for line in reversed(stdout.splitlines()):
         if line.startswith("PEER-RESULT "):
             result: dict[str, Any] = json.loads(line[len("PEER-RESULT ") :])
             return result
-    tail = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
-    raise RuntimeError(f"exit {proc.returncode}: {tail[:300]}")
+    raise RuntimeError(_failure(returncode or 0, stderr))
+
+
+def run_isolated(args: dict[str, Any], timeout: float) -> dict[str, Any]:
+    """Run the workload ``args`` describes in a new interpreter; its result, or RuntimeError."""
+    proc = subprocess.run(
+        _command(args), capture_output=True, text=True, timeout=timeout, env=_env(), check=False
+    )
+    return _result(proc.stdout, proc.returncode, proc.stderr)
+
+
+def run_together(workloads: list[dict[str, Any]], timeout: float) -> list[dict[str, Any]]:
+    """Run several workloads, each in a new interpreter, with their measured phases started
+    together: each child says ``READY`` once set up and warmed up, and waits for ``GO``
+    (:func:`barrier`). Their results in order, or RuntimeError if any failed."""
+    deadline = time.monotonic() + timeout
+    children: list[tuple[subprocess.Popen[str], Any]] = []
+    with contextlib.ExitStack() as files:
+        try:
+            for args in workloads:
+                # A file, not a pipe: a pipe nobody reads could fill up and block the child.
+                err = files.enter_context(tempfile.TemporaryFile(mode="w+"))
+                child = subprocess.Popen(
+                    _command({**args, "barrier": True}),
+                    stdin=subprocess.PIPE,
+                    stdout=subprocess.PIPE,
+                    stderr=err,
+                    text=True,
+                    env=_env(),
+                )
+                children.append((child, err))
+            for child, err in children:
+                assert child.stdout is not None
+                while (line := child.stdout.readline()).strip() != "READY":
+                    if not line:  # it ended before it was ready
+                        err.seek(0)
+                        raise RuntimeError(
+                            "a child ended before its measured phase: "
+                            + _failure(child.wait(), err.read())
+                        )
+            for child, _ in children:
+                assert child.stdin is not None
+                child.stdin.write("GO\n")
+                child.stdin.flush()  # communicate() closes it
+            results = []
+            for child, err in children:
+                out, _ = child.communicate(timeout=max(1.0, deadline - time.monotonic()))
+                err.seek(0)
+                results.append(_result(out, child.returncode, err.read()))
+            return results
+        finally:
+            for child, _ in children:
+                if child.poll() is None:
+                    child.kill()
+                    child.wait()
+
+
+def _failure(returncode: int, stderr: str) -> str:
+    tail = (stderr.strip().splitlines() or ["(no output)"])[-1]
+    return f"exit {returncode}: {tail[:300]}"
+
+
+def barrier(args: dict[str, Any]) -> None:
+    """In a child of :func:`run_together`: say ``READY``, then wait for ``GO``."""
+    if not args.get("barrier"):
+        return
+    print("READY", flush=True)
+    if sys.stdin.readline().strip() != "GO":
+        raise SystemExit("the parent did not say GO")
 
 
 def _quiet() -> None:
@@ -104,10 +173,13 @@ async def sagaz_saga(args: dict[str, Any]) -> dict[str, Any]:
             await ThreeStep().run({"n": i})
         latencies.append(m.span.wall * 1000)
     n = args["concurrent"]
+    barrier(args)
+    window = [time.time()]
     with Meter() as conc:
         results = await asyncio.gather(
             *(ThreeStep().run({"n": i}) for i in range(n)), return_exceptions=True
         )
+    window.append(time.time())
     failures = sum(isinstance(r, BaseException) for r in results)
     pool = await storage._get_pool()
     async with pool.acquire() as conn:
@@ -131,6 +203,7 @@ async def sagaz_saga(args: dict[str, Any]) -> dict[str, Any]:
         "outbox_rows": events,
         "rows_per_saga": (completed + step_rows + events) / runs,
         "consistent": failures == 0 and completed == runs,
+        "window": window,
     }
 
 
@@ -352,7 +425,9 @@ async def ours_saga(args: dict[str, Any]) -> dict[str, Any]:
     from benchmarks.saga import SagaSizes, saga_case_here
 
     sizes = SagaSizes(sequential=args["sequential"], concurrent={args["shape"]: args["concurrent"]})
-    return await saga_case_here(args["storage"], args["shape"], sizes)
+    return await saga_case_here(
+        args["storage"], args["shape"], sizes, before_concurrent=functools.partial(barrier, args)
+    )
 
 
 def main() -> None:

@@ -209,6 +209,39 @@ def saga_table(rows: Sequence[Row]) -> str:
     )
 
 
+def scale_table(rows: Sequence[Row]) -> str:
+    body = []
+    for r in rows:
+        if r.get("skipped"):
+            body.append([r["engine"], "-", "-", "-", "-", "-", "not run: " + r["skipped"]])
+            continue
+        for run in r["runs"]:
+            body.append(
+                [
+                    r["engine"],
+                    _num(run["processes"]),
+                    _num(run["sagas"]),
+                    _num(run["sagas_per_s"]),
+                    " + ".join(_num(x) for x in run["per_process"]),
+                    f"{run['vs_one_process']:.2f}x",
+                    _num(run["consistent"]),
+                ]
+            )
+    return table(
+        [
+            "engine",
+            "processes",
+            "sagas",
+            "sagas/s (all processes)",
+            "each process alone",
+            "vs. 1 process",
+            "all completed",
+        ],
+        body,
+        "Scale-out: 3-step sagas over processes started together (PostgreSQL, a schema each)",
+    )
+
+
 def peers_table(rows: Sequence[Row], ours: Row | None) -> str:
     body = []
     for r in rows:
@@ -439,6 +472,8 @@ def render(results: Row) -> str:
             None,
         )
         parts.append(peers_table(results["peers"], ours))
+    if results.get("scale"):
+        parts.append(scale_table(results["scale"]))
     busy, total = _busy_cases(results)
     if busy:
         worst = max(load for _, load in busy)

@@ -23,8 +23,11 @@ from benchmarks.outbox import (
 from benchmarks.peers import peer_outbox, peer_saga
 from benchmarks.report import attach_peer_ratios, evaluate_targets
 from benchmarks.saga import FULL_SAGA, QUICK_SAGA, SHAPES, SagaSizes, saga_case
+from benchmarks.scale import ENGINES, scale_case
 
 SUITES = ("outbox", "saga", "peers")
+#: Suites run only when named (not part of ``all``, which must stay under 3 minutes quick).
+EXTRA_SUITES = ("scale",)
 PEERS = ("sagaz", "sagaz+outbox", "dbos")
 
 
@@ -78,6 +81,7 @@ async def _run_suite(config: SuiteConfig) -> dict[str, Any]:
         "latency": [],
         "saga": [],
         "peers": [],
+        "scale": [],
         "errors": [],
         "skipped": skipped,
     }
@@ -133,6 +137,10 @@ async def _run_suite(config: SuiteConfig) -> dict[str, Any]:
                             "peers",
                         )
                     )
+        if "scale" in config.suites:
+            sagas = config.saga.concurrent_for("3-step")
+            for engine in ENGINES:
+                steps.append((f"scale-out {engine}", _bind(scale_case, engine, sagas), "scale"))
         progress = Progress(len(steps), enabled=config.progress)
         for label, fn, bucket in steps:
             progress.step(label)

@@ -17,7 +17,8 @@ benchmark measures that).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -137,13 +138,19 @@ async def saga_case(storage_kind: str, shape: str, sizes: SagaSizes) -> dict[str
     return result
 
 
-async def saga_case_here(storage_kind: str, shape: str, sizes: SagaSizes) -> dict[str, Any]:
-    """``saga_case`` in this process."""
+async def saga_case_here(
+    storage_kind: str,
+    shape: str,
+    sizes: SagaSizes,
+    before_concurrent: Callable[[], None] | None = None,
+) -> dict[str, Any]:
+    """``saga_case`` in this process; ``before_concurrent`` is called (in a worker thread)
+    once the warm-up and the sequential runs are done."""
     cls, n_steps = SHAPES[shape]
     with fresh_database(storage_kind) as db:
         storage = create_storage(db.url)
         try:
-            return await _saga_case(storage, db.kind, shape, cls, n_steps, sizes)
+            return await _saga_case(storage, db.kind, shape, cls, n_steps, sizes, before_concurrent)
         finally:
             await storage.aclose()
 
@@ -155,6 +162,7 @@ async def _saga_case(
     cls: type[DeclarativeSaga],
     n_steps: int,
     sizes: SagaSizes,
+    before_concurrent: Callable[[], None] | None = None,
 ) -> dict[str, Any]:
     commits = [0]
 
@@ -181,7 +189,10 @@ async def _saga_case(
         latencies.append(m.span.wall * 1000)
 
     n = sizes.concurrent_for(shape)
+    if before_concurrent is not None:
+        await anyio.to_thread.run_sync(before_concurrent)
     before, renewed = commits[0], renewals[0]
+    window = [time.time()]
     failures: list[BaseException] = []
 
     async def one(i: int) -> None:
@@ -194,6 +205,7 @@ async def _saga_case(
         async with anyio.create_task_group() as tg:
             for i in range(n):
                 tg.start_soon(one, sizes.sequential + i)
+    window.append(time.time())
     renewed = renewals[0] - renewed
     shared = storage.engine is _lease_engine(storage)  # renewals also counted as commits
     total_commits = commits[0] - before - (renewed if shared else 0)
@@ -214,6 +226,7 @@ async def _saga_case(
         "cpu_cores": conc.span.cpu_cores,
         "machine_busy_cores": conc.span.machine_busy,
         "failures": len(failures),
+        "window": window,
         "completed": completed,
         "steps_succeeded": steps_ok,
         "outbox_events": events,

@@ -173,3 +173,23 @@ def test_a_bad_gc_threshold_is_refused_naming_it(
     with pytest.raises(SystemExit):
         main(["saga", "--gc-threshold", bad])
     assert "--gc-threshold" in capsys.readouterr().err
+
+
+def test_scale_out_runs_each_engine_over_one_and_two_processes() -> None:
+    """The processes of a case start their measured phase together, and every saga of every
+    process completes; sagaz is optional (the bench extra), so it may be reported as not run."""
+    require_server("127.0.0.1", 5432, "PostgreSQL")
+    config = SuiteConfig(suites=("scale",), quick=True, saga=TINY_SAGA, progress=False)
+    results = anyio.run(run_suite, config)
+    assert results["errors"] == []
+    rows = {r["engine"]: r for r in results["scale"]}
+    assert set(rows) == {"saga-outbox", "sagaz"}
+    ours = rows["saga-outbox"]
+    assert [run["processes"] for run in ours["runs"]] == [1, 2]
+    for run in ours["runs"]:
+        assert run["consistent"] is True, run
+        assert len(run["per_process"]) == run["processes"]
+        assert run["sagas"] == 12 and run["sagas_per_s"] > 0
+    assert ours["runs"][0]["vs_one_process"] == 1.0
+    assert rows["sagaz"].get("skipped") or rows["sagaz"]["consistent"] is True
+    assert "Scale-out" in render(results)
