@@ -443,6 +443,10 @@ def main() -> None:
         out = asyncio.run(sagaz_outbox(args))
     elif kind == "saga-outbox-saga":
         out = asyncio.run(ours_saga(args))
+    elif kind == "saga-outbox-relay":
+        from benchmarks.scale import relay_in_child
+
+        out = asyncio.run(relay_in_child(args, functools.partial(barrier, args)))
     else:
         raise SystemExit(f"unknown peer workload {kind!r}")
     out["seconds"] = time.perf_counter() - started

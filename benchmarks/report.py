@@ -242,6 +242,41 @@ def scale_table(rows: Sequence[Row]) -> str:
     )
 
 
+def scale_relay_table(rows: Sequence[Row]) -> str:
+    body = []
+    for r in rows:
+        if r.get("skipped"):
+            body.append([r["broker"], "-", "-", "-", "-", "-", "-", "not run: " + r["skipped"]])
+            continue
+        for run in r["runs"]:
+            body.append(
+                [
+                    f"{r['storage']} -> {r['broker']}",
+                    _num(run["processes"]),
+                    _num(r["events"]),
+                    _num(run["relay_rate"]),
+                    " + ".join(_num(x) for x in run["per_process"]),
+                    f"{run['vs_one_process']:.2f}x",
+                    f"{_num(r['raw_broker']['rate'])} ({_pct(run['vs_raw_broker'])})",
+                    _num(run["consistent"]),
+                ]
+            )
+    return table(
+        [
+            "relay",
+            "processes",
+            "events",
+            "relay ev/s (all processes)",
+            "each process alone",
+            "vs. 1 process",
+            "raw client, 1 process (ours/raw)",
+            "all relayed once",
+        ],
+        body,
+        "Scale-out: one outbox relayed by processes started together",
+    )
+
+
 def peers_table(rows: Sequence[Row], ours: Row | None) -> str:
     body = []
     for r in rows:
@@ -474,6 +509,8 @@ def render(results: Row) -> str:
         parts.append(peers_table(results["peers"], ours))
     if results.get("scale"):
         parts.append(scale_table(results["scale"]))
+    if results.get("scale_relay"):
+        parts.append(scale_relay_table(results["scale_relay"]))
     busy, total = _busy_cases(results)
     if busy:
         worst = max(load for _, load in busy)

@@ -23,7 +23,7 @@ from benchmarks.outbox import (
 from benchmarks.peers import peer_outbox, peer_saga
 from benchmarks.report import attach_peer_ratios, evaluate_targets
 from benchmarks.saga import FULL_SAGA, QUICK_SAGA, SHAPES, SagaSizes, saga_case
-from benchmarks.scale import ENGINES, scale_case
+from benchmarks.scale import ENGINES, relay_scale_case, scale_case
 
 SUITES = ("outbox", "saga", "peers")
 #: Suites run only when named (not part of ``all``, which must stay under 3 minutes quick).
@@ -82,12 +82,15 @@ async def _run_suite(config: SuiteConfig) -> dict[str, Any]:
         "saga": [],
         "peers": [],
         "scale": [],
+        "scale_relay": [],
         "errors": [],
         "skipped": skipped,
     }
     brokers = config.brokers if {"outbox", "peers"} & set(config.suites) else ()
     # The peers never use our Kafka (sagaz's needs aiokafka): start tansu for the outbox only.
     wanted = brokers if "outbox" in config.suites else tuple(b for b in brokers if b != "kafka")
+    if "scale" in config.suites and "kafka" in config.brokers and "kafka" not in wanted:
+        wanted = (*wanted, "kafka")  # the relay scale-out runs against Kafka only
     steps: list[tuple[str, Callable[[], Awaitable[dict[str, Any]]], str]] = []
     with Services(wanted) as services:
         skipped.update(services.skipped)
@@ -141,6 +144,16 @@ async def _run_suite(config: SuiteConfig) -> dict[str, Any]:
             sagas = config.saga.concurrent_for("3-step")
             for engine in ENGINES:
                 steps.append((f"scale-out {engine}", _bind(scale_case, engine, sagas), "scale"))
+            o = config.outbox
+            for kind, target in services.targets.items():
+                if kind == "kafka":  # the relay bound by its client's CPU (docs/benchmarks.md)
+                    steps.append(
+                        (
+                            f"scale-out relay -> {kind}",
+                            _bind(relay_scale_case, target, o.events, o.per_key, o.commit_batch),
+                            "scale_relay",
+                        )
+                    )
         progress = Progress(len(steps), enabled=config.progress)
         for label, fn, bucket in steps:
             progress.step(label)

@@ -1,11 +1,16 @@
-"""Scale-out: the same 3-step saga workload split over several processes, ours and sagaz's.
+"""Scale-out: the same work split over several processes started together.
 
 One interpreter runs one thread of Python at a time, so one process is bound by one core
-(``docs/workers.md``). Both engines scale by adding processes on the same PostgreSQL server;
-this measures what that buys on the machine at hand. Each process runs its share of the
-sagas at once in its own schema, after its warm-up; the measured phases start together
-(:func:`benchmarks._peer_runner.run_together`) and the rate is every saga of every process
-over the span from the first start to the last end.
+(``docs/workers.md``). Sagas and relays scale by adding processes on the same database; this
+measures what that buys on the machine at hand:
+
+- **sagas**: 3-step sagas, ours and sagaz's, each process running its share at once in a
+  schema of its own, after its warm-up;
+- **relay**: PostgreSQL -> Kafka, one outbox drained by several ``OutboxWorker`` processes
+  (they claim different keys), against the raw kafka-python rate measured after them.
+
+The measured phases start together (:func:`benchmarks._peer_runner.run_together`) and a rate
+is the work of every process over the span from the first start to the last end.
 """
 
 from __future__ import annotations
@@ -17,7 +22,16 @@ from typing import Any
 import anyio
 
 from benchmarks._peer_runner import run_together
-from benchmarks._servers import fresh_database, libpq_url, postgres_available
+from benchmarks._servers import (
+    BrokerTarget,
+    broker_message_count,
+    fresh_database,
+    libpq_url,
+    postgres_available,
+)
+from benchmarks.baselines import raw_broker_rate
+from benchmarks.outbox import BATCH_EVENTS, BATCH_KEYS, as_messages, commit_events, make_events
+from saga_storage import create_storage
 
 ENGINES = ("saga-outbox", "sagaz")
 
@@ -65,13 +79,11 @@ async def scale_case(engine: str, sagas: int, storage: str = "postgresql") -> di
             ]
             workloads = [_workload(engine, storage, per, db) for db in dbs]
             results = await anyio.to_thread.run_sync(run_together, workloads, 900.0)
-        start = min(r["window"][0] for r in results)
-        end = max(r["window"][1] for r in results)
         row["runs"].append(
             {
                 "processes": processes,
                 "sagas": per * processes,
-                "sagas_per_s": per * processes / max(end - start, 1e-9),
+                "sagas_per_s": per * processes / _span(results),
                 "per_process": [r["sagas_per_s"] for r in results],
                 "consistent": all(r["consistent"] for r in results),
             }
@@ -81,3 +93,104 @@ async def scale_case(engine: str, sagas: int, storage: str = "postgresql") -> di
         run["vs_one_process"] = run["sagas_per_s"] / one
     row["consistent"] = all(run["consistent"] for run in row["runs"])
     return row
+
+
+def _span(results: list[dict[str, Any]]) -> float:
+    start = min(float(r["window"][0]) for r in results)
+    end = max(float(r["window"][1]) for r in results)
+    return max(end - start, 1e-9)
+
+
+async def relay_scale_case(
+    target: BrokerTarget, events: int, per_key: int, commit_batch: int
+) -> dict[str, Any]:
+    """``events`` committed, then relayed by each of ``PROCESS_COUNTS`` relay processes."""
+    row: dict[str, Any] = {
+        "storage": "postgresql",
+        "broker": target.kind,
+        "events": events,
+        "runs": [],
+    }
+    if not postgres_available():
+        row["skipped"] = "PostgreSQL is down"
+        return row
+    messages = None
+    for processes in PROCESS_COUNTS:
+        with fresh_database("postgresql") as db:
+            topic = target.new_topic("scale")
+            evs = make_events(topic, events, per_key, "s")
+            messages = as_messages(evs)
+            storage = create_storage(db.url)
+            try:
+                await anyio.to_thread.run_sync(commit_events, storage, evs, commit_batch)
+                workload = {
+                    "kind": "saga-outbox-relay",
+                    "url": db.url,
+                    "broker": target.url,
+                    "topic": topic,
+                }
+                results = await anyio.to_thread.run_sync(
+                    run_together, [workload] * processes, 900.0
+                )
+                counts = await storage.outbox_counts()
+            finally:
+                await storage.aclose()
+            # Each process warmed its producer up with one message of its own.
+            on_broker = await anyio.to_thread.run_sync(
+                broker_message_count, target, topic, events + processes
+            )
+        relayed = sum(r["relayed"] for r in results)
+        row["runs"].append(
+            {
+                "processes": processes,
+                "relay_rate": relayed / _span(results),
+                "per_process": [r["relay_rate"] for r in results],
+                "cpu_cores": [r["cpu_cores"] for r in results],
+                "relayed": relayed,
+                "consistent": relayed == events
+                and counts.get("SENT", 0) == events
+                and counts.get("PENDING", 0) == 0
+                and (on_broker is None or on_broker == events + processes),
+            }
+        )
+    assert messages is not None
+    raw = await raw_broker_rate(target, messages, BATCH_KEYS * min(per_key, BATCH_EVENTS))
+    row["raw_broker"] = raw
+    one = row["runs"][0]["relay_rate"]
+    for run in row["runs"]:
+        run["vs_one_process"] = run["relay_rate"] / one
+        run["vs_raw_broker"] = run["relay_rate"] / raw["rate"]
+    row["consistent"] = all(run["consistent"] for run in row["runs"])
+    return row
+
+
+async def relay_in_child(args: dict[str, Any], before: Any) -> dict[str, Any]:
+    """One relay process of :func:`relay_scale_case` (run by :mod:`benchmarks._peer_runner`)."""
+    import time
+
+    from benchmarks._measure import Meter
+    from saga_brokers import create_broker
+    from saga_core import OutboxWorker
+    from saga_core.events import Message
+
+    storage = create_storage(args["url"])
+    broker = create_broker(args["broker"])
+    try:
+        # Warm-up: the producer's connection and the topic's metadata.
+        warm = Message(args["topic"], "warm-up", b"{}", {"event_id": "warm-up"})
+        assert await broker.publish([warm]) == [None]
+        worker = OutboxWorker(storage, broker, batch_keys=BATCH_KEYS, batch_events=BATCH_EVENTS)
+        await anyio.to_thread.run_sync(before)
+        window = [time.time()]
+        with Meter() as m:
+            relayed = await worker.drain()
+        window.append(time.time())
+    finally:
+        await broker.aclose()
+        await storage.aclose()
+    return {
+        "relayed": relayed,
+        "relay_rate": relayed / max(m.span.wall, 1e-9),
+        "cpu_cores": m.span.cpu_cores,
+        "window": window,
+    }

