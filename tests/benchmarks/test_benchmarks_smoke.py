@@ -220,3 +220,5 @@ def test_relay_scale_out_relays_every_event_once_over_two_processes() -> None:
         assert run["consistent"] is True and run["relayed"] == TINY_OUTBOX.events, run
         assert len(run["per_process"]) == run["processes"]
     assert row["raw_broker"]["messages"] == TINY_OUTBOX.events
+    (two,) = [t for t in results["targets"] if "2 relay processes" in t["target"]]
+    assert isinstance(two["met"], bool)
