@@ -122,7 +122,14 @@ def config_from(args: argparse.Namespace) -> SuiteConfig:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    p = parser()
+    args = p.parse_args(argv)
+    inherited = os.environ.get(GC_ENV)
+    if args.gc_threshold is None and inherited:
+        try:
+            parse_gc_threshold(inherited)
+        except ValueError as exc:
+            p.error(f"${GC_ENV}: {exc}")
     if args.gc_threshold is not None:
         os.environ[GC_ENV] = args.gc_threshold  # inherited by the peers' processes
     apply_gc_threshold()

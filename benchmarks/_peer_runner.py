@@ -20,6 +20,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from typing import Any
@@ -74,14 +75,14 @@ def run_together(workloads: list[dict[str, Any]], timeout: float) -> list[dict[s
                 )
                 children.append((child, err))
             for child, err in children:
-                assert child.stdout is not None
-                while (line := child.stdout.readline()).strip() != "READY":
-                    if not line:  # it ended before it was ready
-                        err.seek(0)
-                        raise RuntimeError(
-                            "a child ended before its measured phase: "
-                            + _failure(child.wait(), err.read())
-                        )
+                if not _wait_ready(child, deadline):
+                    if child.poll() is None:
+                        raise RuntimeError(f"a child was not ready within {timeout:g}s")
+                    err.seek(0)
+                    raise RuntimeError(
+                        "a child ended before its measured phase: "
+                        + _failure(child.wait(), err.read())
+                    )
             for child, _ in children:
                 assert child.stdin is not None
                 child.stdin.write("GO\n")
@@ -97,6 +98,31 @@ def run_together(workloads: list[dict[str, Any]], timeout: float) -> list[dict[s
                 if child.poll() is None:
                     child.kill()
                     child.wait()
+                for pipe in (child.stdin, child.stdout):  # communicate() closed them if it ran
+                    if pipe is not None and not pipe.closed:
+                        with contextlib.suppress(OSError):
+                            pipe.close()
+
+
+def _wait_ready(child: subprocess.Popen[str], deadline: float) -> bool:
+    """Whether ``child`` said READY before ``deadline`` (read in a thread: a pipe read has no
+    timeout, and a child stuck in its set-up must not hang the suite; the caller kills it)."""
+    ready: list[bool] = []
+
+    def read() -> None:
+        assert child.stdout is not None
+        try:
+            while line := child.stdout.readline():
+                if line.strip() == "READY":
+                    ready.append(True)
+                    return
+        except (OSError, ValueError):  # the pipe closed under us: the child was killed
+            return
+
+    reader = threading.Thread(target=read, name="saga-bench-ready", daemon=True)
+    reader.start()
+    reader.join(max(0.0, deadline - time.monotonic()))
+    return bool(ready)
 
 
 def _failure(returncode: int, stderr: str) -> str:
@@ -173,7 +199,7 @@ async def sagaz_saga(args: dict[str, Any]) -> dict[str, Any]:
             await ThreeStep().run({"n": i})
         latencies.append(m.span.wall * 1000)
     n = args["concurrent"]
-    barrier(args)
+    await asyncio.to_thread(barrier, args)
     window = [time.time()]
     with Meter() as conc:
         results = await asyncio.gather(

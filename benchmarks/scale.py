@@ -1,11 +1,12 @@
 """Scale-out: the same work split over several processes started together.
 
 One interpreter runs one thread of Python at a time, so one process is bound by one core
-(``docs/workers.md``). Sagas and relays scale by adding processes on the same database; this
-measures what that buys on the machine at hand:
+(``docs/workers.md``). Sagas and relays scale by adding processes; this measures what that
+buys on the machine at hand:
 
 - **sagas**: 3-step sagas, ours and sagaz's, each process running its share at once in a
-  schema of its own, after its warm-up;
+  schema of its own on the one PostgreSQL server, after its warm-up (so the processes share
+  the server, not tables, indexes or lease rows, unlike the workers of a deployment);
 - **relay**: PostgreSQL -> Kafka, one outbox drained by several ``OutboxWorker`` processes
   (they claim different keys), against the raw kafka-python rate measured after them.
 
@@ -84,6 +85,7 @@ async def scale_case(engine: str, sagas: int, storage: str = "postgresql") -> di
                 "processes": processes,
                 "sagas": per * processes,
                 "sagas_per_s": per * processes / _span(results),
+                **_together(results),
                 "per_process": [r["sagas_per_s"] for r in results],
                 "consistent": all(r["consistent"] for r in results),
             }
@@ -99,6 +101,14 @@ def _span(results: list[dict[str, Any]]) -> float:
     start = min(float(r["window"][0]) for r in results)
     end = max(float(r["window"][1]) for r in results)
     return max(end - start, 1e-9)
+
+
+def _together(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """How far apart the processes' measured phases started, and whether they all overlapped
+    (the last to start began before the first to end ended)."""
+    starts = [float(r["window"][0]) for r in results]
+    ends = [float(r["window"][1]) for r in results]
+    return {"start_skew_s": max(starts) - min(starts), "overlapped": max(starts) < min(ends)}
 
 
 async def relay_scale_case(
@@ -144,6 +154,7 @@ async def relay_scale_case(
             {
                 "processes": processes,
                 "relay_rate": relayed / _span(results),
+                **_together(results),
                 "per_process": [r["relay_rate"] for r in results],
                 "cpu_cores": [r["cpu_cores"] for r in results],
                 "relayed": relayed,

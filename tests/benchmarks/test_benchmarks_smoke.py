@@ -8,7 +8,11 @@ suite (the broker contract tests cover those adapters).
 
 from __future__ import annotations
 
+import gc
 import json
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import anyio
@@ -16,6 +20,7 @@ import pytest
 
 from benchmarks.__main__ import main
 from benchmarks._measure import GC_ENV, parse_gc_threshold
+from benchmarks._peer_runner import _wait_ready, run_together
 from benchmarks._servers import tansu_binary
 from benchmarks.outbox import OutboxSizes
 from benchmarks.report import render, write_json
@@ -172,8 +177,49 @@ def test_a_bad_gc_threshold_is_refused_naming_it(
     with pytest.raises(ValueError, match="GC threshold"):
         parse_gc_threshold(bad)
     with pytest.raises(SystemExit):
-        main(["saga", "--gc-threshold", bad])
-    assert "--gc-threshold" in capsys.readouterr().err
+        main(["saga", f"--gc-threshold={bad}"])
+    assert "--gc-threshold: GC threshold" in capsys.readouterr().err
+
+
+def test_a_bad_inherited_gc_threshold_is_refused_before_anything_runs(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv(GC_ENV, "700,ten,10")
+    with pytest.raises(SystemExit):
+        main(["saga", "--no-progress"])
+    assert GC_ENV in capsys.readouterr().err
+
+
+def test_gc_threshold_from_the_command_line_reaches_every_process(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(GC_ENV, "")  # restored after the test, as are the collector's settings
+    before = gc.get_threshold()
+    out = tmp_path / "gc.json"
+    try:
+        code = main(
+            [
+                "saga",
+                "--quick",
+                "--storages",
+                "sqlite",
+                "--sagas",
+                "5",
+                "--sequential",
+                "1",
+                "--gc-threshold",
+                "800,12,34",
+                "--no-progress",
+                "--json",
+                str(out),
+            ]
+        )
+    finally:
+        gc.set_threshold(*before)
+    assert code == 0
+    data = json.loads(out.read_text())
+    assert data["machine"]["gc_threshold"] == [800, 12, 34]
+    assert data["saga"] and all(r["gc_threshold"] == [800, 12, 34] for r in data["saga"])
 
 
 def test_scale_out_runs_each_engine_over_one_and_two_processes() -> None:
@@ -191,7 +237,8 @@ def test_scale_out_runs_each_engine_over_one_and_two_processes() -> None:
         assert run["consistent"] is True, run
         assert len(run["per_process"]) == run["processes"]
         assert run["sagas"] == 12 and run["sagas_per_s"] > 0
-    assert ours["runs"][0]["vs_one_process"] == 1.0
+        # The processes' measured phases ran at the same time (READY/GO), not one after another.
+        assert run["overlapped"] is True, run
     assert rows["sagaz"].get("skipped") or rows["sagaz"]["consistent"] is True
     assert "Scale-out" in render(results)
 
@@ -219,6 +266,28 @@ def test_relay_scale_out_relays_every_event_once_over_two_processes() -> None:
     for run in row["runs"]:
         assert run["consistent"] is True and run["relayed"] == TINY_OUTBOX.events, run
         assert len(run["per_process"]) == run["processes"]
+        assert run["overlapped"] is True, run
     assert row["raw_broker"]["messages"] == TINY_OUTBOX.events
+    # Two cores against one: reported, never judged as the target.
     (two,) = [t for t in results["targets"] if "2 relay processes" in t["target"]]
-    assert isinstance(two["met"], bool)
+    assert two["met"] is None and two["verdict"] == "not judged"
+
+
+def test_run_together_reports_a_child_that_fails_before_its_measured_phase() -> None:
+    with pytest.raises(RuntimeError, match="ended before its measured phase"):
+        run_together([{"kind": "no-such-workload"}], 60.0)
+
+
+def test_a_child_that_never_says_ready_is_given_up_on_at_the_deadline() -> None:
+    """A pipe read has no timeout: the wait for READY must not hang the suite."""
+    child = subprocess.Popen(
+        [sys.executable, "-c", "import time; time.sleep(60)"], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        started = time.monotonic()
+        assert _wait_ready(child, time.monotonic() + 0.5) is False
+        assert time.monotonic() - started < 10
+        assert child.poll() is None  # still running: the caller kills it
+    finally:
+        child.kill()
+        child.communicate()
