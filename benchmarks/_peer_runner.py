@@ -130,10 +130,15 @@ def _failure(returncode: int, stderr: str) -> str:
     return f"exit {returncode}: {tail[:300]}"
 
 
+#: When this child said READY (wall clock, comparable across the processes of a run).
+_ready_at: list[float] = []
+
+
 def barrier(args: dict[str, Any]) -> None:
     """In a child of :func:`run_together`: say ``READY``, then wait for ``GO``."""
     if not args.get("barrier"):
         return
+    _ready_at.append(time.time())
     print("READY", flush=True)
     if sys.stdin.readline().strip() != "GO":
         raise SystemExit("the parent did not say GO")
@@ -477,6 +482,8 @@ def main() -> None:
         raise SystemExit(f"unknown peer workload {kind!r}")
     out["seconds"] = time.perf_counter() - started
     out["gc_threshold"] = list(gc.get_threshold())
+    if _ready_at:
+        out["ready_at"] = _ready_at[0]
     print("PEER-RESULT " + json.dumps(out), flush=True)
 
 

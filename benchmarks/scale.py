@@ -104,11 +104,17 @@ def _span(results: list[dict[str, Any]]) -> float:
 
 
 def _together(results: list[dict[str, Any]]) -> dict[str, Any]:
-    """How far apart the processes' measured phases started, and whether they all overlapped
-    (the last to start began before the first to end ended)."""
+    """How far apart the processes' measured phases started; whether every one started only
+    once all were ready (what the READY/GO barrier guarantees) and whether they overlapped
+    (the last to start began before the first to end ended: tiny runs may not)."""
     starts = [float(r["window"][0]) for r in results]
     ends = [float(r["window"][1]) for r in results]
-    return {"start_skew_s": max(starts) - min(starts), "overlapped": max(starts) < min(ends)}
+    ready = [float(r["ready_at"]) for r in results]
+    return {
+        "start_skew_s": max(starts) - min(starts),
+        "started_after_all_ready": min(starts) >= max(ready),
+        "overlapped": max(starts) < min(ends),
+    }
 
 
 async def relay_scale_case(
