@@ -138,14 +138,16 @@ class _Slow(DeclarativeSaga):
 
 
 async def test_renewal_keeps_a_long_step_owned(storage: SqlStorage) -> None:
-    sid = await SagaOrchestrator(storage).start(_Slow(), context={"seconds": 1.2}, saga_id=_sid())
-    a = SagaWorker(storage, sagas=[_Slow], lease_seconds=0.4, owner="a")
-    b = SagaWorker(storage, sagas=[_Slow], lease_seconds=0.4, owner="b", poll_interval=0.05)
+    # A 1 s lease, not shorter: with 0.4 s, one SQLite renewal slowed past its 0.3 s of trust
+    # by a loaded CI machine rightly stopped the run, and the step ran twice.
+    sid = await SagaOrchestrator(storage).start(_Slow(), context={"seconds": 3.0}, saga_id=_sid())
+    a = SagaWorker(storage, sagas=[_Slow], lease_seconds=1.0, owner="a")
+    b = SagaWorker(storage, sagas=[_Slow], lease_seconds=1.0, owner="b", poll_interval=0.05)
     async with anyio.create_task_group() as tg:
         tg.start_soon(a.run_once)
         await anyio.sleep(0.1)
         tg.start_soon(b.run)  # keeps scanning while a's step runs three leases long
-        with anyio.fail_after(5):
+        with anyio.fail_after(15):
             while (await storage.load_saga(sid)).status != SagaStatus.COMPLETED:
                 await anyio.sleep(0.05)
         b.stop()
