@@ -90,7 +90,7 @@ def parser() -> argparse.ArgumentParser:
         default=None,
         metavar="G0,G1,G2",
         help="garbage collector thresholds for ours and the peers alike (gc.set_threshold; "
-        "Python's default is 700,10,10; docs/operations.md explains 700,10,100)",
+        "Python's default is 700,10,10; docs/workers.md explains 700,10,100)",
     )
     return p
 

