@@ -49,6 +49,12 @@ STOPPED: dict[str, float] = {}
 #: before it does when a call ends): comparisons between the two allow this much.
 SKEW = 0.002
 
+#: The lease of the tests that must keep theirs. A renewal must answer within 5/12 of the lease
+#: (a third of it after it was due, less the quarter trust keeps back): at 0.6 s that is 0.25 s,
+#: which a loaded CI machine running two test processes missed (and the run stopped, rightly),
+#: as a fresh machine's disk once did. Tests of refused or hung renewals use it too.
+LEASE = 1.2
+
 
 def _sid() -> str:
     return f"l-{uuid.uuid4().hex[:10]}"
@@ -183,10 +189,10 @@ async def test_many_sagas_share_few_renewal_statements(
     running a step of several leases: none loses its lease (a rival worker would take any that
     expired), each owner's renewals go out in shared calls, and owners and lengths never mix."""
     renewals = _Renewals(storage, monkeypatch)
-    leases = {"a": 0.6, "b": 0.9}
+    leases = {"a": LEASE, "b": 1.5 * LEASE}
     counts = {"a": 30, "b": 20}
     orchs = {o: SagaOrchestrator(storage, owner=o, lease_seconds=s) for o, s in leases.items()}
-    seconds = 1.5  # 2.5 leases of "a", 5 renewal periods
+    seconds = 2.5 * LEASE  # 2.5 leases of "a", 7.5 renewal periods
     rival = SagaWorker(storage, sagas=[_Sleeper], owner="rival", poll_interval=0.05)
     owner_of: dict[str, str] = {}
     results: dict[str, Any] = {}
@@ -205,7 +211,7 @@ async def test_many_sagas_share_few_renewal_statements(
                     for owner, n in counts.items():
                         if i < n:
                             sagas.start_soon(one, owner)
-                    await anyio.sleep(0.4 / max(counts.values()))  # spread over 8+ grid cells
+                    await anyio.sleep(LEASE * 2 / 3 / max(counts.values()))  # over 8+ grid cells
             rival.stop()
     elapsed = time.monotonic() - began
 
@@ -244,7 +250,7 @@ async def test_a_stolen_lease_stops_only_that_run(storage: SqlStorage) -> None:
     runs stop, write nothing more and cancel their step; the others finish."""
     orch = SagaOrchestrator(storage)
     ids = [await orch.start(_Sleeper(), {"seconds": 1.5}, saga_id=_sid()) for _ in range(6)]
-    worker = SagaWorker(storage, sagas=[_Sleeper], owner="a", lease_seconds=0.6)
+    worker = SagaWorker(storage, sagas=[_Sleeper], owner="a", lease_seconds=LEASE)
     stolen, bumped, others = ids[0], ids[1], ids[2:]
     sagas = storage.tables.sagas
     with anyio.fail_after(30):
@@ -285,7 +291,7 @@ async def test_refused_renewals_stop_runs_when_trust_ends_not_before(
     """Once the database refuses renewals, runs go on until their lease can no longer be
     trusted (start of the last successful renewal including them + lease - lease / 4), then
     stop: not on the first refusal, not before, and not much after."""
-    lease = 0.6
+    lease = LEASE
     renewals = _Renewals(storage, monkeypatch)
     orch = SagaOrchestrator(storage)
     ids = [await orch.start(_Sleeper(), {"seconds": 5.0}, saga_id=_sid()) for _ in range(5)]
@@ -315,7 +321,7 @@ async def test_refused_renewals_stop_runs_when_trust_ends_not_before(
 async def test_leases_taken_or_released_stop_only_their_holders(storage: SqlStorage) -> None:
     """A renewal that finds one saga released, one re-claimed and one taken by another owner
     stops exactly those three holders; the others stay renewed in the same calls."""
-    lease = 0.6
+    lease = LEASE
     fences = [await _leased(storage, "o", lease) for _ in range(6)]
     ended: dict[str, float] = {}
     sagas = storage.tables.sagas
@@ -358,7 +364,7 @@ async def test_an_older_run_of_a_saga_is_not_renewed_by_the_newer_one(
     """A run of a saga this owner has since claimed again (a newer epoch, another run here):
     the answer of a renewal names sagas, not epochs, so the older run must learn it lost the
     lease even when both are due together, and the newer one keeps it."""
-    lease = 0.6
+    lease = LEASE
     old = await _leased(storage, "o", lease)
     sagas = storage.tables.sagas
     with storage.engine.begin() as conn:
@@ -387,7 +393,7 @@ async def test_a_run_cancelled_during_a_renewal_leaves_the_others_renewed(
     """A run is cancelled while a renewal including it is in flight: the call still completes
     for everyone in it, the others go on renewing, and the cancelled run's lease is never
     renewed again. (Renewals run in the loop's lease driver, a task of no run.)"""
-    lease = 0.6
+    lease = LEASE
     renewals = _Renewals(storage, monkeypatch)
     fences = [await _leased(storage, "o", lease) for _ in range(5)]
     scopes: dict[str, anyio.CancelScope] = {}
@@ -435,10 +441,7 @@ async def test_a_stopped_keeper_leaves_at_once_and_is_not_renewed_again(
     reference cycle for the garbage collector): it leaves its group at once, long before the
     next renewal, and the stopped lease is never renewed again while the others are. A keeper
     stopped before it started never joins."""
-    # Not shorter: a renewal still unanswered when trust ends (0.45 s after the last one began,
-    # with a 0.6 s lease; a fresh machine's disk once took that long) rightly stops the run,
-    # and this test would fail.
-    lease = 1.2
+    lease = LEASE
     renewals = _Renewals(storage, monkeypatch)
     fences = [await _leased(storage, "o", lease) for _ in range(3)]
     lost: list[int] = []
@@ -471,7 +474,7 @@ async def test_a_run_that_ends_during_a_renewal_is_not_told_it_lost_its_lease(
     """A run that lets its lease go (it finished, or suspended itself) and stops its keeper
     while a renewal including it is in flight: the renewal no longer finds the saga held,
     which is no news to a stopped run, so it is not told it lost its lease."""
-    lease = 0.6
+    lease = LEASE
     renewals = _Renewals(storage, monkeypatch)
     fence = await _leased(storage, "o", lease)
     lost: list[bool] = []
@@ -498,7 +501,7 @@ async def test_a_large_batch_is_split_into_bounded_statements(
 ) -> None:
     """More fences due at once than one statement may carry go out in several calls of one
     leader; every lease stays held."""
-    lease = 0.6
+    lease = LEASE
     monkeypatch.setattr(_leases, "MAX_FENCES", 2)
     renewals = _Renewals(storage, monkeypatch)
     fences = [await _leased(storage, "o", lease) for _ in range(5)]
@@ -537,15 +540,15 @@ def test_event_loops_in_other_threads_keep_their_own_renewals(
     def run_one(_: int) -> None:
         async def main() -> None:
             sid = _sid()
-            orch = SagaOrchestrator(storage, lease_seconds=0.3)
-            results[sid] = await orch.execute(_Sleeper(), {"seconds": 0.8}, saga_id=sid)
+            orch = SagaOrchestrator(storage, lease_seconds=LEASE)
+            results[sid] = await orch.execute(_Sleeper(), {"seconds": 1.5 * LEASE}, saga_id=sid)
 
         anyio.run(main, backend=backend)
 
     assert run_threads(run_one, 2) == []
     assert len(results) == 2
     for sid in results:
-        assert results[sid]["slept"] == 0.8
+        assert results[sid]["slept"] == 1.5 * LEASE
         assert anyio.run(storage.load_saga, sid).lease_epoch == 1
 
 
@@ -592,7 +595,7 @@ async def test_a_cancelled_caller_keeps_the_lease_renewed_through_shielded_compe
     shielded and goes on, so its lease must stay renewed until it ends. A rival worker polls
     all along: with the lease left to expire it would take the saga over (a new epoch) and
     undo ``book`` a second time."""
-    lease = 0.6
+    lease = LEASE
     orch = SagaOrchestrator(storage, owner="a", lease_seconds=lease)
     rival = SagaWorker(storage, sagas=[_SlowUndo], owner="rival", poll_interval=0.05)
     sid = _sid()
@@ -625,7 +628,7 @@ async def test_the_driver_exits_when_no_run_is_left_and_a_new_run_starts_another
     """Runs own no task: one driver per group renews them. When the last run stops, the driver
     ends and the group is forgotten (nothing is left running in the loop); a run registering
     afterwards gets a new driver and is renewed."""
-    lease = 0.6
+    lease = LEASE
     renewals = _Renewals(storage, monkeypatch)
     fences = [await _leased(storage, "o", lease) for _ in range(3)]
     keepers = [LeaseKeeper(storage, f, lease) for f in fences]
@@ -659,7 +662,7 @@ async def test_an_unexpected_renewal_error_is_retried_like_a_refusal(
     """A renewal failing with something other than ``StorageError`` (a pool timeout, say)
     proves nothing about the leases: the runs keep them while they can trust them, and the
     next renewal renews them."""
-    lease = 0.6
+    lease = LEASE
     renewals = _Renewals(storage, monkeypatch)
     renewals.refusal = RuntimeError("pool timeout (injected)")
     fences = [await _leased(storage, "o", lease) for _ in range(3)]
@@ -711,7 +714,7 @@ async def test_a_renewal_that_does_not_answer_stops_runs_when_trust_ends(
     """A renewal call hangs (a connection gone silent): it must not stretch trust. Every run
     stops once its trust ends (start of its last successful renewal + lease - lease / 4), not
     before, and long before the call would have returned."""
-    lease = 0.6
+    lease = LEASE
     hang = 20.0
     renewals = _Renewals(storage, monkeypatch)
     hanging = [False]
@@ -755,7 +758,7 @@ async def test_the_last_retry_before_trust_ends_can_still_save_the_lease(
     before trust ends) for its answer to count, so the run keeps its lease. (Made at the
     instant trust ended, the call would always be cut short by the rule that a run stops
     when its trust ends while a call is in flight.)"""
-    lease = 1.2
+    lease = LEASE
     renewals = _Renewals(storage, monkeypatch)
     fence = await _leased(storage, "o", lease)
     keeper = LeaseKeeper(storage, fence, lease)
@@ -788,7 +791,7 @@ async def test_the_driver_carries_none_of_the_callers_context_variables(
 ) -> None:
     """The driver task outlives the run that started it and serves every run: it must not
     carry that run's context variables (a trace span, say) into the calls it makes for all."""
-    lease = 0.6
+    lease = LEASE
     renewals = _Renewals(storage, monkeypatch)
     seen: list[str] = []
 
@@ -818,7 +821,7 @@ async def test_closing_the_storage_waits_for_a_renewal_in_flight(
     runs it serves): ``aclose`` waits for that call before it closes the pool under it. The
     call is held up for real: another transaction holds the saga's row (PostgreSQL) or the
     database's write lock (SQLite)."""
-    lease = 0.6
+    lease = LEASE
     target = create_storage(storage.engine.url.render_as_string(hide_password=False))
     renewals = _Renewals(target, monkeypatch)
     fence = await _leased(target, "o", lease)
