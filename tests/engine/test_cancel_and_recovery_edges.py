@@ -116,12 +116,13 @@ class _Long(DeclarativeSaga):
 
     @step()
     async def long(self, ctx: StepContext) -> dict[str, Any]:
-        await anyio.sleep(1.0)
+        await anyio.sleep(2.0)  # past the trust of several leases: only renewals keep it
         return {"done": True}
 
 
 async def test_execute_renews_its_own_short_lease(storage: SqlStorage) -> None:
-    orch = SagaOrchestrator(storage, lease_seconds=0.3)
+    # Not shorter: a renewal has 5/12 of the lease to answer, which a loaded machine can miss.
+    orch = SagaOrchestrator(storage, lease_seconds=1.2)
     sid = _sid()
     rival = SagaWorker(storage, sagas=[_Long], owner="rival", poll_interval=0.05)
     async with anyio.create_task_group() as tg:
