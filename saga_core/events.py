@@ -7,9 +7,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from saga_core._fast_init import fast_init
 from saga_core._json import check_json, dumps
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class OutboxEvent:
     """An event to publish, written in the same transaction as the state change it announces.
@@ -82,6 +84,7 @@ class OutboxEvent:
         return dumps(self.payload)
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class Message:
     """One message as handed to a broker adapter, or received from one.

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
+from saga_core._fast_init import fast_init
 from saga_core.errors import ErrorRecord
 from saga_core.events import OutboxEvent
 from saga_core.states import OutboxStatus, SagaStatus, StepStatus
@@ -20,6 +21,7 @@ def _dt(ts: float | None) -> datetime | None:
     return None if ts is None else datetime.fromtimestamp(ts, tz=timezone.utc)
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class StepState:
     """One step of one saga as stored.
@@ -52,6 +54,7 @@ class StepState:
         return _dt(self.finished_at)
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class SagaState:
     """A saga as stored: what ``orchestrator.get(saga_id)`` returns.
@@ -89,6 +92,7 @@ class SagaState:
         return datetime.fromtimestamp(self.updated_at, tz=timezone.utc)
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class NewSaga:
     """A saga about to be inserted, with one PENDING row per step, except the steps in
@@ -103,6 +107,7 @@ class NewSaga:
     opened: tuple[str, ...] = ()
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class Fence:
     """Proof of ownership: every write for a saga is guarded by its owner and lease epoch."""
@@ -112,6 +117,7 @@ class Fence:
     epoch: int
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class SagaWrite:
     """One atomic change for one saga: optional saga status, whole step rows, outbox events.
@@ -134,6 +140,7 @@ class SagaWrite:
     wake_in: float | None = None
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class OutboxRecord:
     """One stored outbox event."""
@@ -152,6 +159,7 @@ class OutboxRecord:
     last_error: str | None = None
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class ClaimedKey:
     """A key the relay owns for a while, with its next events in sequence order."""
