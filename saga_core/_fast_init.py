@@ -19,6 +19,7 @@ __all__ = ["fast_init"]
 
 T = TypeVar("T")
 
+
 def fast_init(cls: type[T]) -> type[T]:
     """Give ``cls`` (a frozen dataclass with ``slots=True``) an ``__init__`` that stores through
     the slot descriptors. Refuses, at import time, what it does not reproduce: keyword-only or

@@ -8,6 +8,8 @@ Properties:
 * a single bad part planted anywhere in such a value (a set, bytes, an object, NaN or infinity,
   a non-str key) raises ``TypeError`` whose message names the full key path to it, e.g.
   ``context['order'][2]['amount']``;
+* ``dumps`` writes exactly what ``json.dumps`` (sorted keys, no NaN) writes, also after it
+  refused a value midway through the same containers;
 * ``copy_json`` of a JSON value (also one holding subclasses, e.g. an ``OrderedDict``) equals
   ``copy.deepcopy`` of it, keeps every container's type, and shares no mutable container.
 """
@@ -17,6 +19,7 @@ from __future__ import annotations
 import copy
 import datetime
 import decimal
+import json
 import math
 from collections import OrderedDict, UserDict
 from collections.abc import Mapping
@@ -187,3 +190,31 @@ def test_copy_json_is_a_deep_copy(value: Any) -> None:
     assert [type(c) for c in copies] == [type(c) for c in originals]
     mutable_ids = {id(c) for c in originals if not isinstance(c, tuple)}
     assert not any(id(c) in mutable_ids for c in copies if not isinstance(c, tuple))
+
+
+@given(json_values, st.sampled_from(BAD_VALUES), st.booleans())
+def test_dumps_is_the_canonical_json_dumps_even_after_a_failure(
+    value: Any, bad: object, fail_first: bool
+) -> None:
+    """``dumps`` (one C encoder per thread, reused) writes exactly what ``json.dumps`` with
+    sorted keys and no NaN writes; a value it refuses leaves nothing behind that changes a
+    later call, even one on the very containers the failure happened in."""
+    box: list[Any] = [value]
+    if fail_first:
+        box.append(bad)
+        with pytest.raises((TypeError, ValueError)):
+            dumps({"wrapped": box})  # fails inside ``box``, after marking it
+        box.pop()
+    expected = json.dumps({"wrapped": box}, sort_keys=True, separators=(",", ":"), allow_nan=False)
+    assert dumps({"wrapped": box}) == expected
+    assert dumps(value) == json.dumps(value, sort_keys=True, separators=(",", ":"), allow_nan=False)
+
+
+def test_dumps_refuses_a_value_that_contains_itself_and_recovers() -> None:
+    loop: list[object] = []
+    loop.append(loop)
+    with pytest.raises(ValueError, match="Circular reference"):
+        dumps(loop)
+    loop.clear()
+    assert dumps(loop) == "[]"
+    assert dumps({"a": loop, "b": loop}) == '{"a":[],"b":[]}'  # shared, not circular
