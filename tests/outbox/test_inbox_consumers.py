@@ -216,6 +216,7 @@ async def test_consumer_killed_between_commit_and_ack_applies_nothing_twice(
     assert effects["inbox"] == len(ids)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("shared_target", BROKERS, indirect=True)
 async def test_frozen_consumer_races_its_successor_and_the_effect_happens_once(
     shared_target: Target, pg_db: Db, procs: Procs

@@ -212,6 +212,7 @@ async def _wait(predicate: Callable[[], Any], within: float, what: str, procs: P
         await anyio.sleep(0.1)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("shared_target", ["redis", "kafka", "rabbitmq"], indirect=True)
 async def test_keys_keep_commit_order_across_relays_refusals_and_a_poison_event(
     shared_target: Target, pg_db: Db, procs: Procs, tmp_path: Path

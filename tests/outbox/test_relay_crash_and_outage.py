@@ -99,6 +99,7 @@ async def _start_relay(procs: Procs, args: list[str]) -> None:
     await anyio.to_thread.run_sync(procs.wait_ready, "relay")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "outage_target", outage_params("kafka", "rabbitmq", "redis"), indirect=True
 )
