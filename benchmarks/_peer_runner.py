@@ -23,7 +23,7 @@ import tempfile
 import threading
 import time
 import uuid
-from typing import Any
+from typing import Any, Literal
 
 from benchmarks._measure import Meter, apply_gc_threshold, percentile, rate
 
@@ -75,9 +75,11 @@ def run_together(workloads: list[dict[str, Any]], timeout: float) -> list[dict[s
                 )
                 children.append((child, err))
             for child, err in children:
-                if not _wait_ready(child, deadline):
-                    if child.poll() is None:
-                        raise RuntimeError(f"a child was not ready within {timeout:g}s")
+                said = _wait_ready(child, deadline)
+                if said == "late":
+                    raise RuntimeError(f"a child was not ready within {timeout:g}s")
+                if said == "ended":
+                    # Its output ended: it is exiting, though it may not have been reaped yet.
                     err.seek(0)
                     raise RuntimeError(
                         "a child ended before its measured phase: "
@@ -104,25 +106,29 @@ def run_together(workloads: list[dict[str, Any]], timeout: float) -> list[dict[s
                             pipe.close()
 
 
-def _wait_ready(child: subprocess.Popen[str], deadline: float) -> bool:
-    """Whether ``child`` said READY before ``deadline`` (read in a thread: a pipe read has no
-    timeout, and a child stuck in its set-up must not hang the suite; the caller kills it)."""
-    ready: list[bool] = []
+def _wait_ready(child: subprocess.Popen[str], deadline: float) -> Literal["ready", "ended", "late"]:
+    """Whether ``child`` said READY before ``deadline``, ended its output without saying it,
+    or is still silent at the deadline (read in a thread: a pipe read has no timeout, and a
+    child stuck in its set-up must not hang the suite; the caller kills it). "ended" is told
+    by the end of the output, not by ``poll()``: a child closes its output a moment before it
+    can be reaped, and in that moment it has ended, not run late."""
+    said: list[Literal["ready", "ended"]] = []
 
     def read() -> None:
         assert child.stdout is not None
         try:
             while line := child.stdout.readline():
                 if line.strip() == "READY":
-                    ready.append(True)
+                    said.append("ready")
                     return
         except (OSError, ValueError):  # the pipe closed under us: the child was killed
-            return
+            pass
+        said.append("ended")
 
     reader = threading.Thread(target=read, name="saga-bench-ready", daemon=True)
     reader.start()
     reader.join(max(0.0, deadline - time.monotonic()))
-    return bool(ready)
+    return said[0] if said else "late"
 
 
 def _failure(returncode: int, stderr: str) -> str:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import sys
 import types
 from typing import Any, TypeVar
 
@@ -32,31 +33,45 @@ def fast_init(cls: type[T]) -> type[T]:
     # An InitVar is a parameter of the generated __init__ but not a field: not reproduced here.
     if [p.name for p in generated] != [f.name for f in fields]:
         raise TypeError(f"fast_init: {cls.__qualname__}'s __init__ takes more than its fields")
-    namespace: dict[str, Any] = {}
+    # What the body needs, passed into a factory as arguments (as dataclasses does): the
+    # generated function keeps the class module's globals, so its annotations resolve
+    # (typing.get_type_hints, inspect.signature(eval_str=True)) as the original's do.
+    closure: dict[str, Any] = {}
     args: list[str] = []
     body: list[str] = []
     for i, f in enumerate(fields):
         if not f.init or f.kw_only:
             raise TypeError(f"fast_init: {cls.__qualname__}.{f.name} is init=False or kw_only")
-        namespace[f"_set{i}"] = _slot(cls, f.name).__set__
+        closure[f"_set{i}"] = _slot(cls, f.name).__set__
         value = f.name
         if f.default is not dataclasses.MISSING:
-            namespace[f"_default{i}"] = f.default
+            closure[f"_default{i}"] = f.default
             args.append(f"{f.name}=_default{i}")
         elif f.default_factory is not dataclasses.MISSING:
             # The generated __init__'s own "not given" marker, so the signatures are equal.
-            namespace[f"_given{i}"] = generated[i].default
-            namespace[f"_factory{i}"] = f.default_factory
+            closure[f"_given{i}"] = generated[i].default
+            closure[f"_factory{i}"] = f.default_factory
             args.append(f"{f.name}=_given{i}")
             value = f"_factory{i}() if {f.name} is _given{i} else {f.name}"
         else:
             args.append(f.name)
-        body.append(f"    _set{i}(self, {value})")
+        body.append(f"        _set{i}(self, {value})")
+    clash = {f.name for f in fields} & {*closure, "self", "__init__"}
+    if clash:
+        raise TypeError(f"fast_init: {cls.__qualname__} has a field named {sorted(clash)[0]}")
     if hasattr(cls, "__post_init__"):
-        body.append("    self.__post_init__()")
-    source = f"def __init__(self, {', '.join(args)}) -> None:\n" + "\n".join(body or ["    pass"])
-    exec(source, namespace)  # our own generated source, as dataclasses itself does
-    init = namespace["__init__"]
+        body.append("        self.__post_init__()")
+    source = (
+        f"def __create_fn__({', '.join(closure)}):\n"
+        f"    def __init__(self, {', '.join(args)}) -> None:\n"
+        + "\n".join(body or ["        pass"])
+        + "\n    return __init__"
+    )
+    module = sys.modules.get(cls.__module__)
+    namespace: dict[str, Any] = {}
+    # Our own generated source, as dataclasses itself does.
+    exec(source, module.__dict__ if module is not None else {}, namespace)
+    init = namespace["__create_fn__"](**closure)
     init.__qualname__ = f"{cls.__qualname__}.__init__"
     init.__module__ = cls.__module__
     init.__doc__ = cls.__init__.__doc__

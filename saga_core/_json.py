@@ -88,6 +88,10 @@ class _Encoder(threading.local):
     """
 
     def __init__(self) -> None:
+        #: This thread is inside ``encode``: a ``dumps`` called meanwhile (from a dict
+        #: subclass's ``items()``, a ``__del__`` or a gc callback run midway) must not share
+        #: its markers, or it would see the outer call's containers as circular and clear them.
+        self.busy = False
         self.markers: dict[int, object] = {}
         self.encode: Callable[[object, int], Iterable[str]] | None = None
         if c_make_encoder is not None:
@@ -103,13 +107,16 @@ _LOCAL = _Encoder()
 def dumps(value: object) -> str:
     """Canonical JSON text (sorted keys, no NaN) so equal inputs compare equal as text."""
     local = _LOCAL
-    if local.encode is None:  # a Python without the C accelerator
+    if local.encode is None or local.busy:  # no C accelerator, or a call within a call
         return _CANONICAL.encode(value)
+    local.busy = True
     try:
         return "".join(local.encode(value, 0))
     except BaseException:
         local.markers.clear()  # a failure midway leaves the containers it was in marked
         raise
+    finally:
+        local.busy = False
 
 
 def loads(text: str | bytes | None) -> Any:

@@ -271,8 +271,29 @@ def test_relay_scale_out_relays_every_event_once_over_two_processes() -> None:
 
 
 def test_run_together_reports_a_child_that_fails_before_its_measured_phase() -> None:
+    """The child exits at once (unknown workload): reported as ended, with its error, not as
+    late (it closes its output a moment before it can be reaped; CI once caught that moment)."""
     with pytest.raises(RuntimeError, match="ended before its measured phase"):
         run_together([{"kind": "no-such-workload"}], 60.0)
+
+
+def test_a_child_whose_output_ends_without_ready_has_ended_whether_reaped_or_not() -> None:
+    for _ in range(20):  # the moment between closing its output and being reapable is short
+        child = subprocess.Popen([sys.executable, "-c", "pass"], stdout=subprocess.PIPE, text=True)
+        try:
+            assert _wait_ready(child, time.monotonic() + 30) == "ended"
+        finally:
+            child.communicate()
+    child = subprocess.Popen(
+        [sys.executable, "-c", "print('READY', flush=True); import time; time.sleep(60)"],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert _wait_ready(child, time.monotonic() + 30) == "ready"
+    finally:
+        child.kill()
+        child.communicate()
 
 
 def test_a_child_that_never_says_ready_is_given_up_on_at_the_deadline() -> None:
@@ -282,7 +303,7 @@ def test_a_child_that_never_says_ready_is_given_up_on_at_the_deadline() -> None:
     )
     try:
         started = time.monotonic()
-        assert _wait_ready(child, time.monotonic() + 0.5) is False
+        assert _wait_ready(child, time.monotonic() + 0.5) == "late"
         assert time.monotonic() - started < 10
         assert child.poll() is None  # still running: the caller kills it
     finally:

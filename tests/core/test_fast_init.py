@@ -7,6 +7,8 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import pickle
+import sys
+import typing
 from dataclasses import FrozenInstanceError, InitVar, dataclass, field
 from typing import Any
 
@@ -97,7 +99,11 @@ def test_what_it_cannot_reproduce_is_refused_at_definition() -> None:
         x: int
         scale: InitVar[int]
 
-    for cls in (NoSlots, NotFrozen, KwOnly, NotInInit, WithInitVar):
+    @dataclass(frozen=True, slots=True)
+    class Clashing:  # a field named like the generated code's own names
+        _set0: int
+
+    for cls in (NoSlots, NotFrozen, KwOnly, NotInInit, WithInitVar, Clashing):
         with pytest.raises(TypeError, match=cls.__qualname__.split(".")[-1]):
             fast_init(cls)
 
@@ -113,7 +119,12 @@ def test_the_hot_records_use_it_and_keep_their_fields(cls: type) -> None:
     """Each hot record's __init__ is the fast one, and takes exactly its fields, in order, with
     their defaults (what the dataclass decorator declared)."""
     assert cls.__init__.__module__ == cls.__module__
-    assert "_set0" in cls.__init__.__globals__
+    assert "_set0" in cls.__init__.__code__.co_freevars  # stores through the slots
+    # Its annotations resolve in the class's module, as the generated __init__'s do.
+    assert cls.__init__.__globals__ is sys.modules[cls.__module__].__dict__
+    hints = typing.get_type_hints(cls.__init__)
+    assert hints == {**typing.get_type_hints(cls), "return": type(None)}
+    assert inspect.signature(cls.__init__, eval_str=True).parameters["self"]
     params = list(inspect.signature(cls).parameters.values())
     fields = dataclasses.fields(cls)
     assert [p.name for p in params] == [f.name for f in fields]

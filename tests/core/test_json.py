@@ -218,3 +218,23 @@ def test_dumps_refuses_a_value_that_contains_itself_and_recovers() -> None:
     loop.clear()
     assert dumps(loop) == "[]"
     assert dumps({"a": loop, "b": loop}) == '{"a":[],"b":[]}'  # shared, not circular
+
+
+def test_a_dumps_made_while_another_runs_on_the_same_thread_is_independent() -> None:
+    """Code that runs midway through an encoding (a dict subclass's ``items()``, a ``__del__``,
+    a gc callback) may call ``dumps`` itself: it must not see the outer call's containers as
+    circular, nor clear what the outer call has marked."""
+    nested: list[str] = []
+
+    class Chatty(dict[str, Any]):
+        def items(self) -> Any:
+            if not nested:
+                nested.append("")  # the nested call meets this dict too: do not nest again
+                nested[0] = dumps(outer)  # ``outer`` is being encoded by the calling dumps
+            return super().items()
+
+    outer = {"list": [1, 2], "chatty": Chatty(b=2, a=1)}
+    expected = '{"chatty":{"a":1,"b":2},"list":[1,2]}'
+    assert dumps(outer) == expected
+    assert nested == [expected]
+    assert dumps(outer) == expected  # nothing was left marked

@@ -116,7 +116,7 @@ class _Long(DeclarativeSaga):
 
     @step()
     async def long(self, ctx: StepContext) -> dict[str, Any]:
-        await anyio.sleep(2.0)  # past the trust of several leases: only renewals keep it
+        await anyio.sleep(2.0)  # past the trust of its 1.2 s lease (0.9 s): only renewals keep it
         return {"done": True}
 
 

@@ -61,7 +61,7 @@ def _sid() -> str:
 
 
 class _Sleeper(DeclarativeSaga):
-    """One step that outlasts several leases, so its run must renew to finish."""
+    """One step, as long as the saga asks: longer than its trust, its run must renew to finish."""
 
     saga_type = "test-leases-sleeper"
 
@@ -474,7 +474,9 @@ async def test_a_run_that_ends_during_a_renewal_is_not_told_it_lost_its_lease(
     """A run that lets its lease go (it finished, or suspended itself) and stops its keeper
     while a renewal including it is in flight: the renewal no longer finds the saga held,
     which is no news to a stopped run, so it is not told it lost its lease."""
-    lease = LEASE
+    # Twice the usual lease: the hook's release must end before trust does (at 1.2 s, a
+    # loaded CI run's release outlived the 0.5 s left, and the run was rightly stopped).
+    lease = 2 * LEASE
     renewals = _Renewals(storage, monkeypatch)
     fence = await _leased(storage, "o", lease)
     lost: list[bool] = []
@@ -696,7 +698,7 @@ async def test_a_driver_that_cannot_start_fails_the_run_and_leaves_nothing_behin
         fn().close()  # the coroutine was made: close it unawaited
         raise RuntimeError("system nursery is closed (injected)")
 
-    orch = SagaOrchestrator(storage, lease_seconds=0.6)
+    orch = SagaOrchestrator(storage, lease_seconds=LEASE)
     monkeypatch.setattr(_leases, "_spawn_system_task", refuse)
     with anyio.fail_after(10), pytest.raises(RuntimeError, match="system nursery"):
         await orch.execute(_Sleeper(), {"seconds": 0}, saga_id=_sid())
@@ -704,8 +706,8 @@ async def test_a_driver_that_cannot_start_fails_the_run_and_leaves_nothing_behin
         assert not group.members
         assert group._driver is None
     monkeypatch.undo()
-    result = await orch.execute(_Sleeper(), {"seconds": 0.5}, saga_id=_sid())
-    assert result["slept"] == 0.5
+    result = await orch.execute(_Sleeper(), {"seconds": LEASE}, saga_id=_sid())  # renews
+    assert result["slept"] == LEASE
 
 
 async def test_a_renewal_that_does_not_answer_stops_runs_when_trust_ends(
@@ -758,7 +760,8 @@ async def test_the_last_retry_before_trust_ends_can_still_save_the_lease(
     before trust ends) for its answer to count, so the run keeps its lease. (Made at the
     instant trust ended, the call would always be cut short by the rule that a run stops
     when its trust ends while a call is in flight.)"""
-    lease = LEASE
+    lease = 2 * LEASE  # a grid cell of 0.2 s: the calls' own timing fits well within it
+    quantum = lease / 12
     renewals = _Renewals(storage, monkeypatch)
     fence = await _leased(storage, "o", lease)
     keeper = LeaseKeeper(storage, fence, lease)
@@ -767,6 +770,12 @@ async def test_the_last_retry_before_trust_ends_can_still_save_the_lease(
         renewals.refuse = len(renewals.calls) <= 2
 
     renewals.hook = refuse_twice
+    # Register half a grid cell past a cell boundary. The second attempt is then due half a
+    # cell before the last-retry slot, so the third is that slot. Registered just past a
+    # boundary, the second attempt falls at the last-retry slot itself (it is the last
+    # retry, rightly) and the third only when trust ends: CI once registered there.
+    await anyio.sleep(quantum - time.monotonic() % quantum + quantum / 2)
+    registered = time.monotonic()
     keeper.start()
     try:
         with anyio.fail_after(10):
@@ -778,9 +787,8 @@ async def test_the_last_retry_before_trust_ends_can_still_save_the_lease(
     assert first.held is None and second.held is None  # refused
     assert third.held == {fence.saga_id}
     assert not keeper.lost
-    # Trust ran from registration (about when the first call was due, a period earlier).
-    registered = first.started - lease / 3
-    assert third.started < registered + lease * 3 / 4
+    # Trust ran from registration; the third call was made a grid cell before it ended.
+    assert third.started < registered + lease * 3 / 4 - quantum / 2
 
 
 _CALLER_VAR: contextvars.ContextVar[str] = contextvars.ContextVar("caller_var", default="unset")
