@@ -78,7 +78,7 @@ async def test_expired_lease_is_taken_over_and_open_attempt_counted(storage: Sql
     _, fence = await storage.create_saga(
         NewSaga(sid, d.saga_type, d.version, {"amount": 1}, d.step_names),
         lease_owner="dead-worker",
-        lease_seconds=0.2,
+        lease_seconds=1.0,  # long enough to be still valid at the first scan, however slow
     )
     assert fence is not None
     # The dead worker had started create_order and never reported back.
@@ -86,7 +86,7 @@ async def test_expired_lease_is_taken_over_and_open_attempt_counted(storage: Sql
     await storage.write(fence, SagaWrite(steps=(started,)))
     worker = SagaWorker(storage, sagas=[OrderSaga], lease_seconds=5)
     assert await worker.run_once() == 0  # lease still valid
-    await anyio.sleep(0.3)
+    await anyio.sleep(1.1)
     assert await worker.run_once() == 1
     state = await storage.load_saga(sid)
     assert state.status == SagaStatus.COMPLETED
