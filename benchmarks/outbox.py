@@ -61,6 +61,8 @@ class OutboxSizes:
     #: Times each relay case runs (a fresh schema or file each time, ours then its baselines):
     #: rates are the median over them, ratios the median of each run's own ratio.
     repeats: int = 3
+    #: Events of the peer's outbox cases (sagaz relays ~1,000 ev/s here), if not ``events``.
+    peer_events: int | None = None
 
     @property
     def round_size(self) -> int:
@@ -68,7 +70,7 @@ class OutboxSizes:
         return min(self.events, BATCH_KEYS * min(self.per_key, BATCH_EVENTS))
 
 
-QUICK_OUTBOX = OutboxSizes(events=5_000, latency_events=100, repeats=3)
+QUICK_OUTBOX = OutboxSizes(events=5_000, latency_events=100, repeats=3, peer_events=2_000)
 FULL_OUTBOX = OutboxSizes()
 
 

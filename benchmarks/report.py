@@ -442,9 +442,13 @@ def evaluate_targets(results: Row) -> list[Row]:
             add(f"3-step saga (PostgreSQL) >= {factor:g}x {peer}", "-" + why, None)
             continue
         ratio = ours["sagas_per_s"] / p["sagas_per_s"]
+        sizes = ""
+        if p.get("concurrent") != ours["concurrent"]:
+            sizes = f", {_num(ours['concurrent'])} vs {_num(p['concurrent'])} at once"
         add(
             f"3-step saga (PostgreSQL, every step durable) >= {factor:g}x {peer}",
-            f"{ratio:.2f}x ({_num(ours['sagas_per_s'])} vs {_num(p['sagas_per_s'])} sagas/s)",
+            f"{ratio:.2f}x ({_num(ours['sagas_per_s'])} vs {_num(p['sagas_per_s'])} sagas/s"
+            f"{sizes})",
             ratio >= factor,
         )
     if ours is not None:

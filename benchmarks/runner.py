@@ -123,8 +123,8 @@ async def _run_suite(config: SuiteConfig) -> dict[str, Any]:
                     )
         if "peers" in config.suites:
             seq = config.saga.sequential
-            conc = config.saga.concurrent_for("3-step")
             for peer in config.peers:
+                conc = config.saga.concurrent_for_peer(peer)
                 steps.append(
                     (f"peer {peer} 3-step saga", _bind(peer_saga, peer, seq, conc), "peers")
                 )
@@ -136,7 +136,13 @@ async def _run_suite(config: SuiteConfig) -> dict[str, Any]:
                     steps.append(
                         (
                             f"peer sagaz outbox -> {kind}",
-                            _bind(peer_outbox, kind, o.events, o.per_key, o.commit_batch),
+                            _bind(
+                                peer_outbox,
+                                kind,
+                                o.peer_events or o.events,
+                                o.per_key,
+                                o.commit_batch,
+                            ),
                             "peers",
                         )
                     )

@@ -23,9 +23,9 @@ from benchmarks._measure import GC_ENV, parse_gc_threshold
 from benchmarks._peer_runner import _wait_ready, run_together
 from benchmarks._servers import tansu_binary
 from benchmarks.outbox import OutboxSizes
-from benchmarks.report import render, write_json
+from benchmarks.report import evaluate_targets, render, write_json
 from benchmarks.runner import SuiteConfig, run_suite
-from benchmarks.saga import SagaSizes, saga_case
+from benchmarks.saga import QUICK_SAGA, SagaSizes, saga_case
 from tests.support.services import IN_CI, port_open, require, require_server
 
 pytestmark = pytest.mark.slow
@@ -309,3 +309,22 @@ def test_a_child_that_never_says_ready_is_given_up_on_at_the_deadline() -> None:
     finally:
         child.kill()
         child.communicate()
+
+
+def test_a_peer_run_at_another_concurrency_says_so_in_its_target() -> None:
+    """The quick run gives DBOS fewer sagas at once (its rate does not depend on it): the
+    target row must say so, and not when the counts are the same."""
+    assert QUICK_SAGA.concurrent_for_peer("dbos") == 300
+    assert QUICK_SAGA.concurrent_for_peer("sagaz") == QUICK_SAGA.concurrent_for("3-step")
+    ours = {"storage": "postgresql", "shape": "3-step", "consistent": True}
+    ours |= {"sagas_per_s": 700.0, "concurrent": 1000}
+    peers = [
+        {"peer": "sagaz", "workload": "3-step saga", "sagas_per_s": 500.0, "concurrent": 1000},
+        {"peer": "dbos", "workload": "3-step saga", "sagas_per_s": 35.0, "concurrent": 300},
+    ]
+    rows = {t["target"]: t for t in evaluate_targets({"saga": [ours], "peers": peers})}
+    sagaz = next(t for name, t in rows.items() if name.endswith("2x sagaz"))
+    dbos = next(t for name, t in rows.items() if name.endswith("10x dbos"))
+    assert sagaz["measured"] == "1.40x (700 vs 500 sagas/s)" and sagaz["met"] is False
+    assert dbos["measured"] == "20.00x (700 vs 35 sagas/s, 1,000 vs 300 at once)"
+    assert dbos["met"] is True
