@@ -113,8 +113,9 @@ class SagaSizes:
 
     sequential: int = 300
     concurrent: dict[str, int] | None = None
-    #: Sagas at once for a peer, where not the 3-step count: DBOS runs ~35 sagas/s here, at
-    #: any concurrency (its sequential rate), so 1,000 of them alone took half of the quick run.
+    #: Sagas at once for a peer, where not the 3-step count: DBOS runs 33-43 sagas/s here,
+    #: about its sequential rate (more with fewer at once, so a ratio against it stays
+    #: conservative), and 1,000 of them took a fifth of the quick run.
     peer_concurrent: dict[str, int] | None = None
 
     def concurrent_for(self, shape: str) -> int:
