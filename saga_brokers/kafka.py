@@ -24,9 +24,11 @@ with warnings.catch_warnings():
     )
     import kafka.errors as kafka_errors
     from kafka import KafkaConsumer, KafkaProducer
+    from kafka.partitioner import DefaultPartitioner, murmur2
     from kafka.structs import OffsetAndMetadata, TopicPartition
 
 from saga_brokers._common import dead_letter_copy, fail_rest_of_key
+from saga_brokers._kafka_partitions import KeyPartitioner, known_partitions
 from saga_brokers._url import BrokerUrl, parse_url
 from saga_core.consumer import Delivery, default_consumer_name
 from saga_core.errors import BrokerError, BrokerUnavailable, PublishFailed
@@ -120,6 +122,7 @@ class KafkaBroker:
         self._idle = threading.Condition()
         self._in_flight = 0  # publishing threads, including ones whose caller was cancelled
         self._limiter = anyio.CapacityLimiter(4)
+        self._keys = KeyPartitioner(murmur2)
         self._closed = False
 
     def __repr__(self) -> str:
@@ -232,6 +235,7 @@ class KafkaBroker:
             producer = self._get_producer()
             sent: list[Any] = []
             refused: dict[str, str] = {}  # key -> event refused before sending
+            layouts: dict[str, tuple[int, ...]] = {}  # topic -> its partitions, if known
             for m in messages:
                 if m.key in refused:
                     # Never let a later event of a key out after an earlier one was refused.
@@ -241,13 +245,21 @@ class KafkaBroker:
                         )
                     )
                     continue
+                key = m.key.encode()
+                partitions = layouts.get(m.topic)
+                if partitions is None:
+                    partitions = layouts[m.topic] = known_partitions(
+                        producer, m.topic, DefaultPartitioner
+                    )
                 try:
                     sent.append(
                         producer.send(
                             m.topic,
-                            key=m.key.encode(),
+                            key=key,
                             value=m.value,
                             headers=[(k, v.encode()) for k, v in m.headers.items()],
+                            # The default partitioner's choice, made for less (see the module).
+                            partition=self._keys.partition(partitions, key) if partitions else None,
                         )
                     )
                 except _MESSAGE_ERRORS as exc:
