@@ -20,9 +20,10 @@ from typing import Any
 
 __all__ = ["KeyPartitioner"]
 
-#: Keys whose hash is kept. A relay round holds at most a few thousand; past this many the
-#: memory is given back and hashing starts afresh.
-MAX_KEYS = 65_536
+#: Keys whose hash is kept (a few MB at most). A relay round holds 100 keys by default
+#: (``OutboxWorker(batch_keys=...)``); past this many the memory is given back and hashing
+#: starts afresh.
+MAX_KEYS = 16_384
 
 
 class KeyPartitioner:
