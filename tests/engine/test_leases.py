@@ -313,7 +313,9 @@ async def test_refused_renewals_stop_runs_when_trust_ends_not_before(
         mine = [c for c in refused if sid in c.ids]
         assert any(c.started < trusted_until for c in mine)
         assert len(mine) <= 4  # retried, not hammered (a period apart, one last chance)
-        assert STOPPED[sid] < trusted_until + 0.2
+        # Within a renewal period (0.4 s) of it: stopped by trust ending, not by a later call
+        # (the slack is for a loaded machine's scheduling: two test processes share 2 cores).
+        assert STOPPED[sid] < trusted_until + lease / 3
         assert "do" not in [k for k, _, _ in LOG[sid]]
         assert (await storage.load_saga(sid)).status == SagaStatus.RUNNING
 
