@@ -18,7 +18,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
-__all__ = ["KeyPartitioner"]
+__all__ = ["KeyPartitioner", "known_partitions"]
 
 #: Keys whose hash is kept (a few MB at most). A relay round holds 100 keys by default
 #: (``OutboxWorker(batch_keys=...)``); past this many the memory is given back and hashing

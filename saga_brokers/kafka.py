@@ -245,13 +245,13 @@ class KafkaBroker:
                         )
                     )
                     continue
-                key = m.key.encode()
-                partitions = layouts.get(m.topic)
-                if partitions is None:
-                    partitions = layouts[m.topic] = known_partitions(
-                        producer, m.topic, DefaultPartitioner
-                    )
                 try:
+                    key = m.key.encode()  # a lone surrogate refuses this message only
+                    partitions = layouts.get(m.topic)
+                    if partitions is None:
+                        partitions = layouts[m.topic] = known_partitions(
+                            producer, m.topic, DefaultPartitioner
+                        )
                     sent.append(
                         producer.send(
                             m.topic,
