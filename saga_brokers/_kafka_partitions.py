@@ -8,9 +8,11 @@ keys again and again (every event of an aggregate has its key), so the adapter r
 key's hash and, once per batch, each topic's sorted partitions, and passes the partition to
 ``send``: the same partition, chosen for less.
 
-Only with kafka-python's own default partitioner (a user's partitioner decides for itself), and
-only once the producer knows the topic's partitions: until then ``send`` chooses (and waits for
-the metadata, and reports what fails, as it always did).
+Only with kafka-python's own default partitioner (a user's partitioner decides for itself) and
+no key serializer (the partitioner hashes the serialized key), and only once the producer knows
+the topic's partitions: until then ``send`` chooses (and waits for the metadata, and reports
+what fails, as it always did). Should the partitions shrink after the batch read them (a topic
+recreated), ``send`` refuses the partition and the adapter lets it choose instead.
 """
 
 from __future__ import annotations
@@ -48,8 +50,8 @@ class KeyPartitioner:
 
 def known_partitions(producer: Any, topic: str, default: type) -> tuple[int, ...]:
     """The topic's partitions, sorted, if ``producer``'s partitioner is of type ``default``
-    (kafka-python's ``DefaultPartitioner``) and it already knows them; else ``()``: let
-    ``send`` choose.
+    (kafka-python's ``DefaultPartitioner``), it has no key serializer, and it already knows
+    them; else ``()``: let ``send`` choose.
 
     Reads the producer's cluster metadata as ``send`` does before it partitions (kafka-python
     has no public call that does not wait for metadata it lacks); a client without it is
@@ -57,6 +59,8 @@ def known_partitions(producer: Any, topic: str, default: type) -> tuple[int, ...
     """
     if type(producer.config.get("partitioner")) is not default:
         return ()
+    if producer.config.get("key_serializer") is not None:
+        return ()  # the partitioner hashes the serialized key, which only send computes
     metadata = getattr(producer, "_metadata", None)
     lookup = getattr(metadata, "partitions_for_topic", None)
     if lookup is None:

@@ -246,22 +246,7 @@ class KafkaBroker:
                     )
                     continue
                 try:
-                    key = m.key.encode()  # a lone surrogate refuses this message only
-                    partitions = layouts.get(m.topic)
-                    if partitions is None:
-                        partitions = layouts[m.topic] = known_partitions(
-                            producer, m.topic, DefaultPartitioner
-                        )
-                    sent.append(
-                        producer.send(
-                            m.topic,
-                            key=key,
-                            value=m.value,
-                            headers=[(k, v.encode()) for k, v in m.headers.items()],
-                            # The default partitioner's choice, made for less (see the module).
-                            partition=self._keys.partition(partitions, key) if partitions else None,
-                        )
-                    )
+                    sent.append(self._send(producer, m, layouts))
                 except _MESSAGE_ERRORS as exc:
                     sent.append(exc)
                     refused[m.key] = m.headers.get("event_id", "?")
@@ -274,6 +259,30 @@ class KafkaBroker:
             # this batch is known to be stored, and the producer starts afresh next time.
             self._discard_producer()
             raise self._unavailable(exc) from exc
+
+    def _send(self, producer: Any, m: Message, layouts: dict[str, tuple[int, ...]]) -> Any:
+        """``producer.send`` for ``m``, with the partition the default partitioner would pick
+        when the topic's partitions are known (``layouts`` keeps them for the batch)."""
+        key = m.key.encode()  # a lone surrogate refuses this message only
+        headers = [(k, v.encode()) for k, v in m.headers.items()]
+        partitions = layouts.get(m.topic)
+        if partitions is None:
+            partitions = layouts[m.topic] = known_partitions(producer, m.topic, DefaultPartitioner)
+        if partitions:
+            try:
+                return producer.send(
+                    m.topic,
+                    key=key,
+                    value=m.value,
+                    headers=headers,
+                    # The default partitioner's choice, made for less (see the module).
+                    partition=self._keys.partition(partitions, key),
+                )
+            except ValueError:
+                # The producer's metadata changed since the batch read it (a topic recreated
+                # with fewer partitions): let send choose from what it knows now.
+                layouts[m.topic] = ()
+        return producer.send(m.topic, key=key, value=m.value, headers=headers)
 
 
 def _construct(cls: Any, *args: Any, **config: Any) -> Any:

@@ -10,6 +10,22 @@ from typing import Any
 from saga_core._fast_init import fast_init
 from saga_core._json import check_json, dumps
 
+#: The fields stored as text and sent as a key, topic or header: str (or None), valid UTF-8.
+_TEXT_FIELDS = ("aggregate_type", "aggregate_id", "event_type", "topic", "saga_id", "event_id")
+
+
+def _check_text(value: object, what: str) -> None:
+    """Refuse what cannot be stored as text nor sent as UTF-8 (before anything is written:
+    otherwise the database refuses the whole transaction, or a broker the message, forever)."""
+    if value is None or (type(value) is str and value.isascii()):
+        return  # the common case, checked in nanoseconds
+    if not isinstance(value, str):
+        raise TypeError(f"{what} must be a str, got {type(value).__name__}")
+    try:
+        value.encode()
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"{what} is not valid Unicode text ({exc.reason}): {value!r}") from None
+
 
 @fast_init
 @dataclass(frozen=True, slots=True)
@@ -40,6 +56,18 @@ class OutboxEvent:
     def __post_init__(self) -> None:
         if not self.event_type:
             raise ValueError("OutboxEvent.event_type is required")
+        # Inline for the common case (ASCII text): events are built on every saga step.
+        for value in (
+            self.aggregate_type,
+            self.aggregate_id,
+            self.event_type,
+            self.topic,
+            self.saga_id,
+            self.event_id,
+        ):
+            if value is not None and not (type(value) is str and value.isascii()):
+                for name in _TEXT_FIELDS:
+                    _check_text(getattr(self, name), f"OutboxEvent.{name}")
         if not isinstance(self.payload, Mapping):
             raise TypeError(
                 f"OutboxEvent.payload must be a mapping, got {type(self.payload).__name__}"
@@ -50,6 +78,10 @@ class OutboxEvent:
         ]
         if bad:
             raise TypeError(f"OutboxEvent.headers must map str to str; bad keys: {bad!r}")
+        for k, v in self.headers.items():
+            if not (k.isascii() and v.isascii()):  # both are str by now
+                _check_text(k, "OutboxEvent.headers key")
+                _check_text(v, f"OutboxEvent.headers[{k!r}]")
         if self.aggregate_id is None and self.saga_id is None:
             raise ValueError("OutboxEvent needs an aggregate_id (the message key) or a saga_id")
 

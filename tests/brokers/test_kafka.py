@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, cast
 
 import pytest
@@ -11,6 +12,7 @@ from hypothesis import strategies as st
 from saga_brokers import kafka as adapter
 from saga_brokers._kafka_partitions import KeyPartitioner, known_partitions
 from saga_brokers.kafka import KafkaBroker
+from saga_core import Message, PublishFailed
 from saga_core.consumer import Delivery
 from tests.brokers.conftest import KAFKA_OPTIONS, Names
 from tests.brokers.helpers import message, open_broker, open_consumer, receive_n
@@ -61,7 +63,9 @@ async def test_each_key_goes_where_kafka_pythons_default_partitioner_puts_it(
             assert list(await broker.publish([message(topic, k, 0) for k in keys])) == [None] * 40
             partitions = known_partitions(broker._producer, topic, adapter.DefaultPartitioner)
             assert len(partitions) > 1
+            chosen = _spy_on_send(broker)
             assert list(await broker.publish([message(topic, k, 1) for k in keys])) == [None] * 40
+            assert len(chosen) == len(keys) and None not in chosen  # the adapter chose them
             got = await receive_n(consumer, 2 * len(keys))
     # kafka-python, imported by the adapter (its import warns on this Python; the adapter
     # imports it with that warning silenced).
@@ -74,6 +78,58 @@ async def test_each_key_goes_where_kafka_pythons_default_partitioner_puts_it(
         plain.close(timeout=5)
     assert _partitions_by_key(got) == {k: {p} for k, p in expected.items()}
     assert len(set(expected.values())) > 1  # the keys do spread over several partitions
+
+
+def _spy_on_send(broker: KafkaBroker) -> list[int | None]:
+    """The ``partition`` argument of every later ``send`` of the broker's producer."""
+    producer = broker._producer
+    real, chosen = producer.send, []
+
+    def send(*args: Any, partition: int | None = None, **kwargs: Any) -> Any:
+        chosen.append(partition)
+        return real(*args, partition=partition, **kwargs)
+
+    producer.send = send
+    return chosen
+
+
+async def test_a_partition_the_producer_no_longer_knows_is_left_to_send(
+    tansu: str, names: Names
+) -> None:
+    """Each batch reads a topic's partitions once; should they shrink meanwhile (a topic
+    recreated with fewer), ``send`` refuses the chosen partition, and the adapter must let
+    ``send`` choose rather than report the message refused. Stale metadata is injected as a
+    batch's layout claiming partitions the topic does not have."""
+    topic, group = names.topic(), names.group()
+    keys = [f"order-{i}" for i in range(40)]
+    async with open_broker(f"kafka://{tansu}?{KAFKA_OPTIONS}") as broker:
+        assert isinstance(broker, KafkaBroker)
+        async with open_consumer(broker, [topic], group) as consumer:
+            assert list(await broker.publish([message(topic, k, 0) for k in keys])) == [None] * 40
+            producer = broker._producer
+            real = known_partitions(producer, topic, adapter.DefaultPartitioner)
+            stale = {topic: tuple(range(len(real) * 10))}  # mostly partitions it lacks
+            futures = [broker._send(producer, message(topic, k, 1), stale) for k in keys]
+            producer.flush(timeout=10)
+            assert stale[topic] == ()  # the batch stopped choosing for that topic
+            assert all(f.get(0).partition in real for f in futures)
+            got = await receive_n(consumer, 2 * len(keys))
+    assert all(len(ps) == 1 for ps in _partitions_by_key(got).values())  # order kept per key
+
+
+async def test_a_key_that_is_not_utf8_refuses_only_its_own_message(
+    tansu: str, names: Names
+) -> None:
+    """A message key with a lone surrogate cannot be sent (``OutboxEvent`` refuses one, but an
+    adapter takes any ``Message``): that message is refused, the rest of the batch is sent."""
+    topic = names.topic()
+    good = [message(topic, f"order-{i}", 0) for i in range(3)]
+    bad = Message(topic, "\ud800", b"{}", dict(good[0].headers))
+    async with open_broker(f"kafka://{tansu}?{KAFKA_OPTIONS}") as broker:
+        for _ in range(2):  # the first batch partitioned by send, the second by the adapter
+            outcomes = list(await broker.publish([good[0], bad, good[1], good[2]]))
+            assert outcomes[0] is None and outcomes[2:] == [None, None]
+            assert isinstance(outcomes[1], PublishFailed)
 
 
 async def test_a_partitioner_of_the_users_own_still_decides(tansu: str, names: Names) -> None:
@@ -106,30 +162,58 @@ async def test_a_partitioner_of_the_users_own_still_decides(tansu: str, names: N
 class _Cluster:
     """What DefaultPartitioner reads of kafka-python's cluster metadata, for one topic."""
 
-    def __init__(self, topic: str, partitions: set[int]) -> None:
-        self._topic, self._partitions = topic, partitions
+    def __init__(self, topic: str, partitions: Sequence[int]) -> None:
+        self._topic, self._partitions = topic, partitions  # in any order, as a set iterates
 
     def topics(self) -> set[str]:
         return {self._topic}
 
-    def partitions_for_topic(self, topic: str) -> set[int]:
+    def partitions_for_topic(self, topic: str) -> Sequence[int]:
         return self._partitions
 
-    def available_partitions_for_topic(self, topic: str) -> set[int]:
+    def available_partitions_for_topic(self, topic: str) -> Sequence[int]:
         return self._partitions
+
+
+class _Producer:
+    """What ``known_partitions`` reads of a kafka-python producer."""
+
+    def __init__(self, cluster: _Cluster | None, **config: Any) -> None:
+        self.config = {"partitioner": adapter.DefaultPartitioner(), "key_serializer": None}
+        self.config.update(config)
+        if cluster is not None:
+            self._metadata = cluster
+
+
+def test_known_partitions_only_where_send_would_hash_the_same_key_the_same_way() -> None:
+    cluster = _Cluster("t", [7, 0, 12, 3])
+
+    class _Mine(adapter.DefaultPartitioner):  # type: ignore[misc]
+        """A user's partitioner that happens to derive from the default one."""
+
+    assert known_partitions(_Producer(cluster), "t", adapter.DefaultPartitioner) == (0, 3, 7, 12)
+    # send hashes the serialized key, which the adapter does not compute
+    serialized = _Producer(cluster, key_serializer=lambda k: b"x" + k)
+    assert known_partitions(serialized, "t", adapter.DefaultPartitioner) == ()
+    assert known_partitions(_Producer(cluster, partitioner=_Mine()), "t", _Mine.__base__) == ()
+    assert known_partitions(_Producer(None), "t", adapter.DefaultPartitioner) == ()
+    unknown = _Cluster("t", [])
+    unknown.partitions_for_topic = lambda topic: None  # type: ignore[method-assign]
+    assert known_partitions(_Producer(unknown), "t", adapter.DefaultPartitioner) == ()
 
 
 @given(
     keys=st.lists(st.binary(max_size=12), max_size=30),
-    partitions=st.sets(st.integers(0, 40), min_size=1, max_size=8),
+    partitions=st.lists(st.integers(0, 40), min_size=1, max_size=8, unique=True),
     max_keys=st.integers(1, 5),
 )
 def test_key_partitioner_chooses_as_the_default_partitioner_however_few_hashes_it_keeps(
-    keys: list[bytes], partitions: set[int], max_keys: int
+    keys: list[bytes], partitions: list[int], max_keys: int
 ) -> None:
     chooser = KeyPartitioner(adapter.murmur2, max_keys=max_keys)
     default, cluster = adapter.DefaultPartitioner(), _Cluster("t", partitions)
-    layout = tuple(sorted(partitions))
+    # The metadata's set, in whatever order it iterates, as the adapter reads it.
+    layout = known_partitions(_Producer(cluster), "t", adapter.DefaultPartitioner)
     for key in keys + keys:  # every key twice: hashed, then perhaps remembered
         assert chooser.partition(layout, key) == default.partition("t", key, key, b"", b"", cluster)
         assert len(chooser._hashes) <= max_keys

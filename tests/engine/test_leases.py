@@ -667,11 +667,16 @@ async def test_an_unexpected_renewal_error_is_retried_like_a_refusal(
 ) -> None:
     """A renewal failing with something other than ``StorageError`` (a pool timeout, say)
     proves nothing about the leases: the runs keep them while they can trust them, and the
-    next renewal renews them."""
-    lease = LEASE
+    next renewal renews them.
+
+    The retry after the failure must answer within a grid cell (lease / 12) before trust ends,
+    so the lease is twice the usual one and the renewal engine is connected beforehand: a cold
+    first connection on a loaded machine once took longer than 0.1 s, and the runs stopped."""
+    lease = 2 * LEASE
     renewals = _Renewals(storage, monkeypatch)
     renewals.refusal = RuntimeError("pool timeout (injected)")
     fences = [await _leased(storage, "o", lease) for _ in range(3)]
+    assert await renewals._real("o", fences, lease) == {f.saga_id for f in fences}  # warm-up
     keepers = [LeaseKeeper(storage, f, lease) for f in fences]
     renewals.refuse = True
     for k in keepers:

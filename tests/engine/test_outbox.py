@@ -8,6 +8,8 @@ from pathlib import Path
 
 import anyio
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from sqlalchemy import Column, MetaData, String, Table, select
 
 from saga_brokers import InMemoryBroker
@@ -65,6 +67,57 @@ def test_bad_events_are_refused_at_construction() -> None:
         OutboxEvent(aggregate_id="k", payload={})
     with pytest.raises(ValueError, match="aggregate_id"):
         OutboxEvent(event_type="t")
+    with pytest.raises(TypeError, match="aggregate_id must be a str, got int"):
+        OutboxEvent(aggregate_id=5, event_type="t")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="topic must be a str, got bytes"):
+        OutboxEvent(aggregate_id="k", event_type="t", topic=b"orders")  # type: ignore[arg-type]
+
+
+#: Any non-empty text, lone surrogates (which no database column or broker key can hold)
+#: drawn as often as all other characters together (they are rare among all code points).
+_ANY_TEXT = st.lists(
+    st.one_of(st.characters(codec=None, exclude_categories=()), st.characters(categories=["Cs"])),
+    min_size=1,
+    max_size=6,
+).map("".join)
+_TEXT_PLACES = ["aggregate_type", "aggregate_id", "event_type", "topic", "saga_id", "event_id"]
+
+
+def _utf8(text: str) -> bool:
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+@given(
+    place=st.sampled_from([*_TEXT_PLACES, "header key", "header value"]),
+    text=_ANY_TEXT,
+)
+def test_an_event_holds_text_exactly_when_it_is_valid_utf8(place: str, text: str) -> None:
+    """Every text an event carries (stored as a column, sent as a key, topic or header) is
+    refused at construction, naming its place, exactly when it cannot be encoded as UTF-8:
+    never later, when the database would refuse the whole transaction or a broker the
+    message on every retry."""
+    fields: dict[str, object] = {"aggregate_id": "k", "event_type": "t"}
+    if place == "header key":
+        fields["headers"] = {text: "v"}
+    elif place == "header value":
+        fields["headers"] = {"h": text}
+    else:
+        fields[place] = text
+    if _utf8(text):
+        event = OutboxEvent(**fields)  # type: ignore[arg-type]
+        assert text in {*event.message_headers().keys(), *event.message_headers().values()} | {
+            event.resolved_topic,
+            event.key,
+            event.aggregate_type,
+        }
+    else:
+        with pytest.raises(ValueError, match="not valid Unicode text") as refused:
+            OutboxEvent(**fields)  # type: ignore[arg-type]
+        assert (place.split()[0] if place.startswith("header") else place) in str(refused.value)
 
 
 async def test_each_key_is_published_in_commit_order(
