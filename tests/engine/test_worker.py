@@ -138,11 +138,16 @@ class _Slow(DeclarativeSaga):
 
 
 async def test_renewal_keeps_a_long_step_owned(storage: SqlStorage) -> None:
-    # A 1 s lease, not shorter: with 0.4 s, one SQLite renewal slowed past its 0.3 s of trust
-    # by a loaded CI machine rightly stopped the run, and the step ran twice.
-    sid = await SagaOrchestrator(storage).start(_Slow(), context={"seconds": 3.0}, saga_id=_sid())
-    a = SagaWorker(storage, sagas=[_Slow], lease_seconds=1.0, owner="a")
-    b = SagaWorker(storage, sagas=[_Slow], lease_seconds=1.0, owner="b", poll_interval=0.05)
+    # A 1.5 s lease, not shorter: a renewal must answer within 5/12 of the lease. With 0.4 s,
+    # one SQLite renewal slowed past that by a loaded CI machine rightly stopped the run, and
+    # the step ran twice; 1 s (0.42 s to answer, the first call a cold connection) is the
+    # margin the lease tests outgrew (tests/engine/test_leases.py, LEASE).
+    lease = 1.5
+    sid = await SagaOrchestrator(storage).start(
+        _Slow(), context={"seconds": 3 * lease}, saga_id=_sid()
+    )
+    a = SagaWorker(storage, sagas=[_Slow], lease_seconds=lease, owner="a")
+    b = SagaWorker(storage, sagas=[_Slow], lease_seconds=lease, owner="b", poll_interval=0.05)
     async with anyio.create_task_group() as tg:
         tg.start_soon(a.run_once)
         await anyio.sleep(0.1)
