@@ -6,6 +6,7 @@ CI must never pass by skipping, so a missing server there is an error, not a ski
 from __future__ import annotations
 
 import os
+import random
 import socket
 
 import pytest
@@ -37,7 +38,32 @@ def require_server(host: str, port: int, what: str) -> None:
 
 
 def free_port() -> int:
-    """A TCP port on the loopback interface that nobody listens on right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A TCP port on the loopback interface that nobody uses right now, outside the kernel's
+    ephemeral range.
+
+    Servers the tests start are stopped and restarted on the same port (a broker outage). A
+    port the kernel hands out for ``bind(0)`` comes from the ephemeral range, from which every
+    outgoing connection (thousands here, to PostgreSQL, Redis, RabbitMQ) takes its local port
+    too, and one could take it while the server is down. Two test processes drawing at once
+    could also get the same port; a random draw from thousands makes that unlikely, and the
+    bind below checks the port is free now.
+    """
+    low, high = _ephemeral_range()
+    ports = range(10_000, low) if low - 10_000 >= 5_000 else range(high + 1, 65_536)
+    for port in random.sample(ports, min(200, len(ports))):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free loopback port in {ports}")
+
+
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            low, high = f.read().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32_768, 60_999  # Linux's default
