@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
+from saga_core._text import text_problem
 from saga_core.errors import SagaDefinitionError
 from saga_core.graph import SagaCompensationGraph, topological_order
 from saga_core.retry import (
@@ -143,6 +144,15 @@ def _check_timeout(timeout: float | None, what: str) -> None:
         raise SagaDefinitionError(f"{what}: timeout must be > 0 seconds, got {timeout!r}")
 
 
+def _check_texts(what: str, **texts: object) -> None:
+    """Refuse, at definition time, text the saga's rows and events could not hold (a step
+    would otherwise run and then fail to be recorded)."""
+    for field_name, value in texts.items():
+        problem = text_problem(value)
+        if problem is not None:
+            raise SagaDefinitionError(f"{what}: {field_name} {problem}")
+
+
 def step(
     name: str | None = None,
     *,
@@ -177,6 +187,13 @@ def step(
     """
     if kind not in _KINDS:
         raise SagaDefinitionError(f"step {name!r}: kind must be one of {_KINDS}, got {kind!r}")
+    _check_texts(
+        f"step {name!r}" if name else "@step",
+        name=name,
+        aggregate_type=aggregate_type,
+        event_type=event_type,
+        topic=topic,
+    )
     _check_timeout(timeout, f"step {name!r}" if name else "@step")
     clean = tuple(clean_failures)
     if not all(isinstance(c, type) and issubclass(c, BaseException) for c in clean):
@@ -223,6 +240,7 @@ def compensate(
         event_type: the event emitted once compensated (default ``"<step>_compensated"``).
     """
     _check_timeout(timeout, f"compensation of {for_step!r}")
+    _check_texts(f"compensation of {for_step!r}", for_step=for_step, event_type=event_type)
     spec = _CompSpec(
         for_step=for_step,
         depends_on=_names(depends_on, f"compensation of {for_step!r} depends_on"),
@@ -263,6 +281,7 @@ def build_definition(cls: type) -> SagaDefinition:
     saga_type = vars(cls).get("saga_type", cls.__name__)
     if not isinstance(saga_type, str) or not saga_type:
         raise SagaDefinitionError(f"{cls.__name__}.saga_type must be a non-empty str")
+    _check_texts(cls.__name__, saga_type=saga_type)
     raw_steps, raw_comps = _collect(cls)
     comps: dict[str, CompensationDefinition] = {}
     explicit: dict[str, tuple[str, ...]] = {}

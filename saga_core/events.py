@@ -9,22 +9,18 @@ from typing import Any
 
 from saga_core._fast_init import fast_init
 from saga_core._json import check_json, dumps
+from saga_core._text import text_problem
 
 #: The fields stored as text and sent as a key, topic or header: str (or None), valid UTF-8.
 _TEXT_FIELDS = ("aggregate_type", "aggregate_id", "event_type", "topic", "saga_id", "event_id")
 
 
 def _check_text(value: object, what: str) -> None:
-    """Refuse what cannot be stored as text nor sent as UTF-8 (before anything is written:
-    otherwise the database refuses the whole transaction, or a broker the message, forever)."""
-    if value is None or (type(value) is str and value.isascii()):
-        return  # the common case, checked in nanoseconds
-    if not isinstance(value, str):
-        raise TypeError(f"{what} must be a str, got {type(value).__name__}")
-    try:
-        value.encode()
-    except UnicodeEncodeError as exc:
-        raise ValueError(f"{what} is not valid Unicode text ({exc.reason}): {value!r}") from None
+    """Raise ``TypeError`` (not a str) or ``ValueError`` (not UTF-8) naming ``what``."""
+    problem = text_problem(value)
+    if problem is not None:
+        kind = ValueError if isinstance(value, str) else TypeError
+        raise kind(f"{what} {problem}")
 
 
 @fast_init

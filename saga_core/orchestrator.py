@@ -15,6 +15,7 @@ from anyio.abc import TaskGroup
 
 from saga_core._json import check_json_object
 from saga_core._run import Limits, RunOutcome, SagaRun
+from saga_core._text import text_problem
 from saga_core.definition import DeclarativeSaga, SagaDefinition, registered_saga
 from saga_core.errors import SagaDefinitionError, SagaError, SagaFailed
 from saga_core.outbox import OptimisticPublisher, OutboxWorker
@@ -297,6 +298,8 @@ class SagaOrchestrator:
             raise ValueError(
                 f"saga_id must be a non-empty str of at most 255 characters, got {saga_id!r}"
             )
+        if saga_id is not None and (problem := text_problem(saga_id)) is not None:
+            raise ValueError(f"saga_id {problem}")
         sid = saga_id or str(uuid.uuid4())
         roots = tuple(s.name for s in definition.steps if not s.depends_on) if leased else ()
         new = NewSaga(

@@ -656,6 +656,31 @@ def test_bad_step_arguments(kwargs: dict[str, Any]) -> None:
         step(**kwargs)
 
 
+@pytest.mark.parametrize("field", ["name", "aggregate_type", "event_type", "topic"])
+@pytest.mark.parametrize("bad", ["order\ud800", b"orders", 7])
+def test_text_a_step_would_store_is_checked_at_definition(field: str, bad: object) -> None:
+    """A step's event fields go into rows and messages once the step has run: text they could
+    not hold (not a str, a lone surrogate) is refused when the saga is defined, naming it,
+    rather than after the step acted."""
+    with pytest.raises(SagaDefinitionError, match=f"{field} (must be a str|is not valid Unicode)"):
+        step(**{field: bad})
+    if field == "event_type":
+        with pytest.raises(SagaDefinitionError, match="event_type"):
+            compensate("a", event_type=bad)  # type: ignore[arg-type]
+    step(**{field: "grüße-orders"})  # any valid text is fine
+
+
+def test_a_saga_type_that_is_not_utf8_is_refused() -> None:
+    with pytest.raises(SagaDefinitionError, match="saga_type is not valid Unicode"):
+
+        class BadText(DeclarativeSaga):
+            saga_type = "orders\udfff"
+
+            @step()
+            def only(self, ctx: Ctx) -> None:
+                return None
+
+
 # --------------------------------------------------------------------------- property
 
 

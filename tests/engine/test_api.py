@@ -150,6 +150,9 @@ async def test_context_must_be_a_mapping(storage: SqlStorage) -> None:
 async def test_bad_saga_id(storage: SqlStorage) -> None:
     with pytest.raises(ValueError, match="saga_id"):
         await SagaOrchestrator(storage).execute(OrderSaga(), context={}, saga_id="x" * 300)
+    # Not a driver's encoding error from inside the insert: named, before anything is written.
+    with pytest.raises(ValueError, match="saga_id is not valid Unicode text"):
+        await SagaOrchestrator(storage).execute(OrderSaga(), context={}, saga_id="order-\ud800")
     assert _count(storage, "sagas") == 0
 
 
