@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from saga_core._fast_init import fast_init
+from saga_core._ids import new_uuid4
 from saga_core._json import check_json, dumps
 from saga_core._text import text_problem
 
@@ -47,7 +47,7 @@ class OutboxEvent:
     topic: str | None = None
     headers: Mapping[str, str] = field(default_factory=dict)
     saga_id: str | None = None
-    event_id: str = field(default_factory=lambda: str(uuid.uuid4()))
+    event_id: str = field(default_factory=new_uuid4)
 
     def __post_init__(self) -> None:
         if not self.event_type:

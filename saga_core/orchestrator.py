@@ -13,6 +13,7 @@ from typing import Any
 import anyio
 from anyio.abc import TaskGroup
 
+from saga_core._ids import new_uuid4
 from saga_core._json import check_json_object
 from saga_core._run import Limits, RunOutcome, SagaRun
 from saga_core._text import text_problem
@@ -300,7 +301,7 @@ class SagaOrchestrator:
             )
         if saga_id is not None and (problem := text_problem(saga_id)) is not None:
             raise ValueError(f"saga_id {problem}")
-        sid = saga_id or str(uuid.uuid4())
+        sid = saga_id or new_uuid4()
         roots = tuple(s.name for s in definition.steps if not s.depends_on) if leased else ()
         new = NewSaga(
             sid, definition.saga_type, definition.version, data, definition.step_names, roots
