@@ -268,21 +268,29 @@ class KafkaBroker:
         partitions = layouts.get(m.topic)
         if partitions is None:
             partitions = layouts[m.topic] = known_partitions(producer, m.topic, DefaultPartitioner)
-        if partitions:
-            try:
-                return producer.send(
-                    m.topic,
-                    key=key,
-                    value=m.value,
-                    headers=headers,
-                    # The default partitioner's choice, made for less (see the module).
-                    partition=self._keys.partition(partitions, key),
-                )
-            except ValueError:
-                # The producer's metadata changed since the batch read it (a topic recreated
-                # with fewer partitions): let send choose from what it knows now.
-                layouts[m.topic] = ()
-        return producer.send(m.topic, key=key, value=m.value, headers=headers)
+        if not partitions:
+            return producer.send(m.topic, key=key, value=m.value, headers=headers)
+        partition = self._keys.partition(partitions, key)
+        try:
+            # The default partitioner's choice, made for less (see the module).
+            return producer.send(
+                m.topic, key=key, value=m.value, headers=headers, partition=partition
+            )
+        except ValueError:
+            # The producer's metadata may have changed since the batch read it (a topic
+            # recreated with fewer partitions): then choose again from what it knows now.
+            # Any other refusal is this message's own (send enqueues nothing before raising).
+            fresh = known_partitions(producer, m.topic, DefaultPartitioner)
+            if partition in fresh:
+                raise
+            layouts[m.topic] = fresh
+            return producer.send(
+                m.topic,
+                key=key,
+                value=m.value,
+                headers=headers,
+                partition=self._keys.partition(fresh, key) if fresh else None,
+            )
 
 
 def _construct(cls: Any, *args: Any, **config: Any) -> Any:

@@ -11,13 +11,14 @@ from saga_core._ids import new_uuid4
 from saga_core._json import check_json, dumps
 from saga_core._text import text_problem
 
-#: The fields stored as text and sent as a key, topic or header: str (or None), valid UTF-8.
+#: The fields stored as text columns and sent as a key, topic or header: str (or None), valid
+#: UTF-8, no NUL character.
 _TEXT_FIELDS = ("aggregate_type", "aggregate_id", "event_type", "topic", "saga_id", "event_id")
 
 
-def _check_text(value: object, what: str) -> None:
-    """Raise ``TypeError`` (not a str) or ``ValueError`` (not UTF-8) naming ``what``."""
-    problem = text_problem(value)
+def _check_text(value: object, what: str, *, nul_ok: bool = False) -> None:
+    """Raise ``TypeError`` (not a str) or ``ValueError`` (not UTF-8, a NUL) naming ``what``."""
+    problem = text_problem(value, nul_ok=nul_ok)
     if problem is not None:
         kind = ValueError if isinstance(value, str) else TypeError
         raise kind(f"{what} {problem}")
@@ -52,7 +53,7 @@ class OutboxEvent:
     def __post_init__(self) -> None:
         if not self.event_type:
             raise ValueError("OutboxEvent.event_type is required")
-        # Inline for the common case (ASCII text): events are built on every saga step.
+        # The values alone first (no names, no messages): events are built on every step.
         for value in (
             self.aggregate_type,
             self.aggregate_id,
@@ -61,9 +62,10 @@ class OutboxEvent:
             self.saga_id,
             self.event_id,
         ):
-            if value is not None and not (type(value) is str and value.isascii()):
+            if text_problem(value) is not None:
                 for name in _TEXT_FIELDS:
                     _check_text(getattr(self, name), f"OutboxEvent.{name}")
+                break  # unreachable: the bad field raised
         if not isinstance(self.payload, Mapping):
             raise TypeError(
                 f"OutboxEvent.payload must be a mapping, got {type(self.payload).__name__}"
@@ -76,8 +78,9 @@ class OutboxEvent:
             raise TypeError(f"OutboxEvent.headers must map str to str; bad keys: {bad!r}")
         for k, v in self.headers.items():
             if not (k.isascii() and v.isascii()):  # both are str by now
-                _check_text(k, "OutboxEvent.headers key")
-                _check_text(v, f"OutboxEvent.headers[{k!r}]")
+                # Stored inside JSON (which escapes a NUL), sent as bytes: UTF-8 is enough.
+                _check_text(k, "OutboxEvent.headers key", nul_ok=True)
+                _check_text(v, f"OutboxEvent.headers[{k!r}]", nul_ok=True)
         if self.aggregate_id is None and self.saga_id is None:
             raise ValueError("OutboxEvent needs an aggregate_id (the message key) or a saga_id")
 

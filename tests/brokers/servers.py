@@ -61,8 +61,16 @@ class ServerProcess:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
+        proc = self._proc
+
+        def ours_listening() -> bool:
+            # Another process listening on the port would pass a bare port check.
+            if proc.poll() is not None:
+                raise RuntimeError(f"server on {self.port} exited with {proc.returncode}")
+            return port_open("127.0.0.1", self.port, 0.2)
+
         try:
-            wait_until(lambda: port_open("127.0.0.1", self.port, 0.2), 15, f"server on {self.port}")
+            wait_until(ours_listening, 15, f"server on {self.port}")
         except RuntimeError:
             self.stop()
             raise

@@ -111,10 +111,32 @@ async def test_a_partition_the_producer_no_longer_knows_is_left_to_send(
             stale = {topic: tuple(range(len(real) * 10))}  # mostly partitions it lacks
             futures = [broker._send(producer, message(topic, k, 1), stale) for k in keys]
             producer.flush(timeout=10)
-            assert stale[topic] == ()  # the batch stopped choosing for that topic
+            assert stale[topic] == real  # read again once send refused a partition
             assert all(f.get(0).partition in real for f in futures)
             got = await receive_n(consumer, 2 * len(keys))
-    assert all(len(ps) == 1 for ps in _partitions_by_key(got).values())  # order kept per key
+    # Each key stayed where the first batch (partitioned by send itself) put it: a stale pick
+    # inside the real range is the real pick too (10n partitions: h % 10n < n means h % n),
+    # and every other one was chosen again from the real partitions.
+    assert all(len(ps) == 1 for ps in _partitions_by_key(got).values())
+
+
+async def test_a_message_send_refuses_for_itself_is_not_sent_again(
+    tansu: str, names: Names
+) -> None:
+    """Only a partition the producer no longer knows makes the adapter choose again: a
+    ``ValueError`` about the message itself (kafka-python cannot encode a header key that is
+    not UTF-8) refuses it after one ``send``, and the rest of the batch goes out."""
+    topic = names.topic()
+    good = [message(topic, f"order-{i}", 0) for i in range(3)]
+    bad = Message(topic, "order-1", b"{}", {**good[1].headers, "x-\udc80": "v"})
+    async with open_broker(f"kafka://{tansu}?{KAFKA_OPTIONS}") as broker:
+        assert isinstance(broker, KafkaBroker)
+        assert list(await broker.publish(good)) == [None] * 3  # the topic's partitions known
+        sent = _spy_on_send(broker)
+        outcomes = list(await broker.publish([good[0], bad, good[2]]))
+    assert outcomes[0] is None and outcomes[2] is None
+    assert isinstance(outcomes[1], PublishFailed)
+    assert len(sent) == 3 and None not in sent  # one send each, all partitioned by us
 
 
 async def test_a_key_that_is_not_utf8_refuses_only_its_own_message(

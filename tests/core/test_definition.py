@@ -657,12 +657,13 @@ def test_bad_step_arguments(kwargs: dict[str, Any]) -> None:
 
 
 @pytest.mark.parametrize("field", ["name", "aggregate_type", "event_type", "topic"])
-@pytest.mark.parametrize("bad", ["order\ud800", b"orders", 7])
+@pytest.mark.parametrize("bad", ["order\ud800", "order\x00", b"orders", 7])
 def test_text_a_step_would_store_is_checked_at_definition(field: str, bad: object) -> None:
     """A step's event fields go into rows and messages once the step has run: text they could
-    not hold (not a str, a lone surrogate) is refused when the saga is defined, naming it,
+    not hold (not a str, a lone surrogate, a NUL) is refused when the saga is defined, naming it,
     rather than after the step acted."""
-    with pytest.raises(SagaDefinitionError, match=f"{field} (must be a str|is not valid Unicode)"):
+    problem = "(must be a str|is not valid Unicode|contains a NUL)"
+    with pytest.raises(SagaDefinitionError, match=f"{field} {problem}"):
         step(**{field: bad})
     if field == "event_type":
         with pytest.raises(SagaDefinitionError, match="event_type"):
