@@ -100,7 +100,7 @@ class CompensationPhase(RunBase):
                     is_async=comp.is_async,
                     timeout=comp.timeout,
                     what=f"compensation of {name!r}",
-                    limiter=self.limits.steps,
+                    limiter=None if comp.is_async else self.limits.steps,
                     background=background,
                     on_thread=lambda w: None,
                 )

@@ -136,7 +136,8 @@ class ForwardPhase(RunBase):
                             is_async=sd.is_async,
                             timeout=sd.timeout,
                             what=f"step {name!r}",
-                            limiter=self.limits.steps,
+                            # Only a thread needs it (reading it costs a RunVar lookup).
+                            limiter=None if sd.is_async else self.limits.steps,
                             background=background,
                             # Not a lambda: closing over ``name`` puts cells in this frame.
                             on_thread=functools.partial(self.threads.__setitem__, name),
