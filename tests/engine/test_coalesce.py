@@ -89,7 +89,9 @@ async def test_with_two_flushes_allowed_two_run_at_once_and_never_more() -> None
     """PostgreSQL storages let two batches be in flight (one transaction each): while one
     commits, the next is written. Every caller still gets its own result, each write is
     flushed once, and no third flush ever starts."""
-    rec = Recorder(delay=0.002)
+    # 10 ms per flush: the second flush's thread must start while the first still runs (2 ms
+    # was once too short for a worker thread to start on a machine slowed by tracemalloc).
+    rec = Recorder(delay=0.01)
     # Arrivals spread over the flushes.
     results = await submit_all(make(rec, max_flushes=2), 600, pause_every=50)
     assert results == {n: 2 * n for n in range(600)}
