@@ -4,6 +4,7 @@ migrations and a statement timeout on every connection (DESIGN.md sections 3 and
 from __future__ import annotations
 
 import contextlib
+import threading
 import time
 import zlib
 from collections.abc import Iterator, Sequence
@@ -99,6 +100,7 @@ class PostgresStorage(SqlStorage):
         # The thread limiter matches the pool, so threads never queue on the pool itself.
         super().__init__(engine, prefix=prefix, schema=schema, max_threads=pool_size)
         self._lease_engine: Engine | None = None
+        self._lease_engine_lock = threading.Lock()
         # Opt-in: a commit carrying NOTIFY takes a global lock in PostgreSQL, which caps write
         # throughput; polling stays the guarantee either way.
         self.notify = notify
@@ -111,11 +113,17 @@ class PostgresStorage(SqlStorage):
     def _lease_write(self) -> Iterator[Connection]:
         # Renewals get a connection of their own: a pool busy with step records must not make
         # a worker lose its leases.
-        if self._lease_engine is None:
-            self._lease_engine = make_postgres_engine(
-                self.engine.url.render_as_string(hide_password=False), pool_size=1
-            )
-        with self._lease_engine.begin() as conn:
+        engine = self._lease_engine
+        if engine is None:
+            # Renewals of several lease groups may come at once (each in its thread): one
+            # engine, or the others' connections are left to the garbage collector, open.
+            with self._lease_engine_lock:
+                if self._lease_engine is None:
+                    self._lease_engine = make_postgres_engine(
+                        self.engine.url.render_as_string(hide_password=False), pool_size=1
+                    )
+                engine = self._lease_engine
+        with engine.begin() as conn:
             yield conn
 
     def dispose(self) -> None:

@@ -592,6 +592,40 @@ def test_a_renewal_locks_its_sagas_in_id_order(pg_url: str) -> None:
         storage.dispose()
 
 
+def test_renewals_starting_at_once_share_one_lease_connection(
+    pg_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first renewals of several lease groups (owners, lease lengths) may come at once,
+    each in a thread: they must create one renewal engine between them, which ``dispose``
+    closes (another would be left to the garbage collector)."""
+    from saga_storage import postgres
+
+    made: list[Engine] = []
+    real_make = postgres.make_postgres_engine
+
+    def make(*args: Any, **kwargs: Any) -> Engine:
+        time.sleep(0.05)  # as slow as a loaded machine may be, so the calls overlap
+        made.append(real_make(*args, **kwargs))
+        return made[-1]
+
+    monkeypatch.setattr(postgres, "make_postgres_engine", make)
+    storage = create_storage(pg_url)
+    made.clear()  # the storage's own engine
+    engines: list[int] = []
+    try:
+
+        def renew(i: int) -> None:
+            with storage._lease_write() as conn:
+                engines.append(id(conn.engine))
+                time.sleep(0.05)  # overlap with the others
+
+        assert run_threads(renew, 8) == []
+        assert len(engines) == 8
+        assert len(made) == 1 and set(engines) == {id(made[0])}
+    finally:
+        storage.dispose()
+
+
 async def test_a_cancelled_caller_keeps_the_lease_renewed_through_shielded_compensation(
     storage: SqlStorage,
 ) -> None:
