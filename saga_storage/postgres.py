@@ -101,6 +101,9 @@ class PostgresStorage(SqlStorage):
         super().__init__(engine, prefix=prefix, schema=schema, max_threads=pool_size)
         self._lease_engine: Engine | None = None
         self._lease_engine_lock = threading.Lock()
+        # Renewal calls running in worker threads, which ``dispose`` waits for.
+        self._lease_calls = threading.Condition()
+        self._lease_calls_in_flight = 0
         # Opt-in: a commit carrying NOTIFY takes a global lock in PostgreSQL, which caps write
         # throughput; polling stays the guarantee either way.
         self.notify = notify
@@ -113,6 +116,18 @@ class PostgresStorage(SqlStorage):
     def _lease_write(self) -> Iterator[Connection]:
         # Renewals get a connection of their own: a pool busy with step records must not make
         # a worker lose its leases.
+        with self._lease_calls:
+            self._lease_calls_in_flight += 1
+        try:
+            with self._lease_conn() as conn:
+                yield conn
+        finally:
+            with self._lease_calls:
+                self._lease_calls_in_flight -= 1
+                self._lease_calls.notify_all()
+
+    @contextlib.contextmanager
+    def _lease_conn(self) -> Iterator[Connection]:
         engine = self._lease_engine
         if engine is None:
             # Renewals of several lease groups may come at once (each in its thread): one
@@ -127,8 +142,12 @@ class PostgresStorage(SqlStorage):
             yield conn
 
     def dispose(self) -> None:
-        """Close every pooled connection, the lease connection included."""
+        """Close every pooled connection, the lease connection included, once a renewal
+        call in flight (in a worker thread; its runs may have ended) returned its connection:
+        a connection checked out while its pool is disposed is never closed, only dropped."""
         super().dispose()
+        with self._lease_calls:
+            self._lease_calls.wait_for(lambda: self._lease_calls_in_flight == 0, timeout=30)
         if self._lease_engine is not None:
             self._lease_engine.dispose()
         self._close_listener()

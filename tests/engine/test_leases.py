@@ -19,7 +19,7 @@ from typing import Any
 
 import anyio
 import pytest
-from sqlalchemy import event, update
+from sqlalchemy import create_engine, event, update
 from sqlalchemy.engine import Engine
 
 from saga_core import (
@@ -624,6 +624,54 @@ def test_renewals_starting_at_once_share_one_lease_connection(
         assert len(made) == 1 and set(engines) == {id(made[0])}
     finally:
         storage.dispose()
+
+
+def test_dispose_waits_for_a_renewal_in_flight_in_its_thread(pg_url: str) -> None:
+    """``dispose`` (the sync close, as a test fixture or an app's shutdown calls it) while a
+    renewal call runs in a worker thread: it waits for the call, then closes its connection.
+    Disposed under it, the connection would be dropped open, closed only by the garbage
+    collector, with a ResourceWarning, in whatever code runs then."""
+    storage = create_storage(pg_url)
+    d = _Sleeper.definition()
+
+    async def create() -> Fence:
+        new = NewSaga("held-row", d.saga_type, d.version, {"seconds": 0}, d.step_names)
+        _, fence = await storage.create_saga(new, lease_owner="o", lease_seconds=30)
+        assert fence is not None
+        return fence
+
+    fence = anyio.run(create)
+    sagas = storage.tables.sagas
+    other = create_engine(pg_url)  # not the storage's: its pool is the one disposed
+    blocker = other.connect()
+    blocker.execute(update(sagas).where(sagas.c.id == fence.saga_id).values(note="held"))
+    renewed: list[set[str]] = []
+    renewal = threading.Thread(
+        target=lambda: renewed.append(anyio.run(storage.renew_leases, "o", [fence], 30.0))
+    )
+    renewal.start()
+    time.sleep(0.3)  # the renewal now waits for the row, its connection checked out
+    released: list[float] = []
+
+    def release() -> None:
+        time.sleep(0.3)
+        released.append(time.monotonic())
+        blocker.commit()
+        blocker.close()
+
+    releaser = threading.Thread(target=release)
+    releaser.start()
+    storage.dispose()
+    disposed = time.monotonic()
+    renewal.join(10)
+    releaser.join(10)
+    assert released and released[0] <= disposed  # dispose waited for the call
+    assert renewed == [{fence.saga_id}]
+    lease_engine = storage._lease_engine
+    assert lease_engine is not None
+    assert lease_engine.pool.checkedout() == 0
+    storage.dispose()
+    other.dispose()
 
 
 async def test_a_cancelled_caller_keeps_the_lease_renewed_through_shielded_compensation(
