@@ -65,9 +65,8 @@ class OutboxEvent:
             if value is not None and not (
                 type(value) is str and value.isascii() and "\x00" not in value
             ):  # text_problem's fast path, inline (a call per field costs as much again)
-                for name in _TEXT_FIELDS:
+                for name in _TEXT_FIELDS:  # raises, naming the field
                     _check_text(getattr(self, name), f"OutboxEvent.{name}")
-                break  # unreachable: the bad field raised
         if not isinstance(self.payload, Mapping):
             raise TypeError(
                 f"OutboxEvent.payload must be a mapping, got {type(self.payload).__name__}"

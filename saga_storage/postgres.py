@@ -100,8 +100,8 @@ class PostgresStorage(SqlStorage):
         # The thread limiter matches the pool, so threads never queue on the pool itself.
         super().__init__(engine, prefix=prefix, schema=schema, max_threads=pool_size)
         self._lease_engine: Engine | None = None
-        self._lease_engine_lock = threading.Lock()
-        # Renewal calls running in worker threads, which ``dispose`` waits for.
+        # Renewal calls running in worker threads, which ``dispose`` waits for; guards
+        # ``_lease_engine`` too.
         self._lease_calls = threading.Condition()
         self._lease_calls_in_flight = 0
         # Opt-in: a commit carrying NOTIFY takes a global lock in PostgreSQL, which caps write
@@ -118,28 +118,20 @@ class PostgresStorage(SqlStorage):
         # a worker lose its leases.
         with self._lease_calls:
             self._lease_calls_in_flight += 1
+            # Created under the lock: renewals of several lease groups may start at once
+            # (each in its thread), and a second engine's connection would be left open.
+            if self._lease_engine is None:
+                self._lease_engine = make_postgres_engine(
+                    self.engine.url.render_as_string(hide_password=False), pool_size=1
+                )
+            engine = self._lease_engine
         try:
-            with self._lease_conn() as conn:
+            with engine.begin() as conn:
                 yield conn
         finally:
             with self._lease_calls:
                 self._lease_calls_in_flight -= 1
                 self._lease_calls.notify_all()
-
-    @contextlib.contextmanager
-    def _lease_conn(self) -> Iterator[Connection]:
-        engine = self._lease_engine
-        if engine is None:
-            # Renewals of several lease groups may come at once (each in its thread): one
-            # engine, or the others' connections are left to the garbage collector, open.
-            with self._lease_engine_lock:
-                if self._lease_engine is None:
-                    self._lease_engine = make_postgres_engine(
-                        self.engine.url.render_as_string(hide_password=False), pool_size=1
-                    )
-                engine = self._lease_engine
-        with engine.begin() as conn:
-            yield conn
 
     def dispose(self) -> None:
         """Close every pooled connection, the lease connection included, once a renewal

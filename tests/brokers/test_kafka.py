@@ -39,6 +39,11 @@ async def test_acks_mean_stored_and_a_key_stays_on_one_partition(tansu: str, nam
     assert len({p for ps in partitions.values() for p in ps}) > 1  # the topic has several
 
 
+async def _publish_all(broker: KafkaBroker, topic: str, keys: list[str], n: int) -> None:
+    """Publish event ``n`` of every key; each must be acknowledged."""
+    assert list(await broker.publish([message(topic, k, n) for k in keys])) == [None] * len(keys)
+
+
 def _partitions_by_key(got: list[Delivery]) -> dict[str, set[int]]:
     found: dict[str, set[int]] = {}
     for d in got:
@@ -60,11 +65,11 @@ async def test_each_key_goes_where_kafka_pythons_default_partitioner_puts_it(
         async with open_consumer(broker, [topic], group) as consumer:
             # The first batch meets an unknown topic: kafka-python partitions it. The adapter
             # partitions the second one (it knows the topic's partitions by then).
-            assert list(await broker.publish([message(topic, k, 0) for k in keys])) == [None] * 40
+            await _publish_all(broker, topic, keys, 0)
             partitions = known_partitions(broker._producer, topic, adapter.DefaultPartitioner)
             assert len(partitions) > 1
             chosen = _spy_on_send(broker)
-            assert list(await broker.publish([message(topic, k, 1) for k in keys])) == [None] * 40
+            await _publish_all(broker, topic, keys, 1)
             assert len(chosen) == len(keys) and None not in chosen  # the adapter chose them
             got = await receive_n(consumer, 2 * len(keys))
     # kafka-python, imported by the adapter (its import warns on this Python; the adapter
@@ -105,7 +110,7 @@ async def test_a_partition_the_producer_no_longer_knows_is_left_to_send(
     async with open_broker(f"kafka://{tansu}?{KAFKA_OPTIONS}") as broker:
         assert isinstance(broker, KafkaBroker)
         async with open_consumer(broker, [topic], group) as consumer:
-            assert list(await broker.publish([message(topic, k, 0) for k in keys])) == [None] * 40
+            await _publish_all(broker, topic, keys, 0)
             producer = broker._producer
             real = known_partitions(producer, topic, adapter.DefaultPartitioner)
             stale = {topic: tuple(range(len(real) * 10))}  # mostly partitions it lacks

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+import time
 import uuid
 from typing import Any
 
@@ -313,3 +315,40 @@ def test_a_chain_of_n_steps_costs_n_plus_one_write_transactions(tmp_path: Any) -
     assert result["tracking"] == "T-1"
     assert writes == 4  # three chained steps + 1
     storage.dispose()
+
+
+class _Threaded(DeclarativeSaga):
+    """A sync step (run in a worker thread) that records how many run at once."""
+
+    saga_type = "test-step-threads"
+    lock = threading.Lock()
+    running = 0
+    most = 0
+
+    @step()
+    def work(self, ctx: StepContext) -> dict[str, Any]:
+        cls = type(self)
+        with cls.lock:
+            cls.running += 1
+            cls.most = max(cls.most, cls.running)
+        try:
+            time.sleep(0.1)
+        finally:
+            with cls.lock:
+                cls.running -= 1
+        return {}
+
+    @step(depends_on=["work"])
+    async def after(self, ctx: StepContext) -> dict[str, Any]:
+        return {}  # an async step: it takes no thread
+
+
+async def test_step_threads_bounds_the_sync_steps_running_at_once(storage: SqlStorage) -> None:
+    """``step_threads`` is how many sync steps run at once, across every saga of the
+    orchestrator; async steps take none of those threads."""
+    _Threaded.most = 0
+    orch = SagaOrchestrator(storage, step_threads=2)
+    async with anyio.create_task_group() as tg:
+        for _ in range(6):
+            tg.start_soon(orch.execute, _Threaded(), {})
+    assert _Threaded.most == 2
