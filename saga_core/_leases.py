@@ -27,7 +27,7 @@ the sagas' own (coalesced) writes. Here the runs of one store, owner and lease l
 * **Ending.** A run that ends unregisters; a renewal already in flight that included it
   reports nothing to it (it may have let the lease go itself).
 
-State lives per event loop (``RunVar``): the sync facade runs its own loop thread, and events
+State lives per event loop (``LoopLocal``): the sync facade runs its own loop thread, and events
 and tasks cannot cross loops.
 """
 
@@ -43,8 +43,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import anyio
-from anyio.lowlevel import RunVar
 
+from saga_core._loop_local import LoopLocal
 from saga_core.errors import StorageError
 from saga_core.ports import SagaStore
 from saga_core.records import Fence
@@ -62,7 +62,7 @@ MIN_WAIT = 0.01
 MAX_FENCES = 900
 
 _Key = tuple[int, str, float]
-_groups: RunVar[dict[_Key, LeaseGroup]] = RunVar("saga_lease_groups")
+_groups: LoopLocal[dict[_Key, LeaseGroup]] = LoopLocal("saga_lease_groups", dict)
 
 
 @dataclass(eq=False)  # members are told apart by identity: one saga may be run twice in turn
@@ -338,11 +338,7 @@ class LeaseKeeper:
         """Register with this event loop's group (must be called from within the loop)."""
         if self._member.over or self._group is not None:
             return
-        try:
-            groups = _groups.get()
-        except LookupError:
-            groups = {}
-            _groups.set(groups)
+        groups = _groups.get()
         key = (id(self._store), self._member.fence.owner, self._lease_seconds)
         group = groups.get(key)
         if group is None:

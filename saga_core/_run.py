@@ -14,7 +14,7 @@ import anyio
 from anyio.abc import TaskGroup
 
 from saga_core.errors import ErrorRecord, LeaseLost
-from saga_core.records import SagaWrite
+from saga_core.records import SagaWrite, StepState
 from saga_core.states import SagaStatus, StepStatus
 
 if sys.version_info < (3, 11):
@@ -118,14 +118,15 @@ class SagaRun(ForwardPhase, CompensationPhase):
         An attempt row still open (started, never finished) when a run begins means the worker
         that ran it died or lost its lease. Returns True if the saga was parked.
         """
-        open_rows = [
-            replace(r, crashes=r.crashes + 1)
-            for r in self.steps.values()
-            if r.status in (StepStatus.RUNNING, StepStatus.COMPENSATING)
-            and r.finished_at is None
-            and r.started_at is not None
-            and r.name not in self._prestarted  # opened by this very run
-        ]
+        open_rows: list[StepState] = []
+        for r in self.steps.values():
+            if (
+                (r.status == StepStatus.RUNNING or r.status == StepStatus.COMPENSATING)
+                and r.finished_at is None
+                and r.started_at is not None
+                and r.name not in self._prestarted  # opened by this very run
+            ):
+                open_rows.append(replace(r, crashes=r.crashes + 1))
         if not open_rows:
             return False
         looping = [r for r in open_rows if r.crashes >= self.max_crashes]

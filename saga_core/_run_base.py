@@ -12,10 +12,10 @@ from typing import Any
 
 import anyio
 from anyio.abc import TaskGroup
-from anyio.lowlevel import RunVar
 
 from saga_core._invoke import ThreadWatch
 from saga_core._json import copy_json
+from saga_core._loop_local import LoopLocal, new_event
 from saga_core.definition import DeclarativeSaga, SagaDefinition
 from saga_core.errors import ErrorRecord, LeaseLost, StorageError
 from saga_core.outbox import OptimisticPublisher
@@ -38,18 +38,14 @@ class Limits:
     loop, since an orchestrator may be used from several ``anyio.run`` calls in turn."""
 
     def __init__(self, step_threads: int) -> None:
-        self._step_threads = step_threads
-        self._steps: RunVar[anyio.CapacityLimiter] = RunVar(f"saga_steps_{id(self)}")
+        self._steps = LoopLocal(
+            f"saga_steps_{id(self)}", functools.partial(anyio.CapacityLimiter, step_threads)
+        )
 
     @property
     def steps(self) -> anyio.CapacityLimiter:
         """Limits sync steps and compensations running in worker threads."""
-        try:
-            return self._steps.get()
-        except LookupError:
-            limiter = anyio.CapacityLimiter(self._step_threads)
-            self._steps.set(limiter)
-            return limiter
+        return self._steps.get()
 
 
 @dataclass
@@ -95,7 +91,7 @@ class Flag:
             await anyio.lowlevel.checkpoint()
             return
         if self._event is None:
-            self._event = anyio.Event()
+            self._event = new_event()
         await self._event.wait()
 
 

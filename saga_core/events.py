@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from saga_core._fast_init import fast_init
@@ -114,6 +114,42 @@ class OutboxEvent:
     def payload_json(self) -> str:
         """The payload as canonical JSON text."""
         return dumps(self.payload)
+
+
+def checked_event(
+    aggregate_type: str | None,
+    event_type: str,
+    topic: str | None,
+    saga_id: str,
+    payload: dict[str, Any],
+) -> OutboxEvent:
+    """An ``OutboxEvent`` built from parts the caller has already checked, without
+    ``__post_init__``'s checks: a saga step's event, on every step. Its names were checked when
+    the step was defined, the saga id when the saga began, the payload's parts (the step's
+    checked result, the step's name, a timestamp) as they were made."""
+    event: OutboxEvent = object.__new__(OutboxEvent)
+    _set_aggregate_type(event, aggregate_type)
+    _set_aggregate_id(event, None)
+    _set_event_type(event, event_type)
+    _set_payload(event, payload)
+    _set_topic(event, topic)
+    _set_headers(event, {})
+    _set_saga_id(event, saga_id)
+    _set_event_id(event, new_uuid4())
+    return event
+
+
+# The slots' own setters (the class is frozen: its __setattr__ refuses), in field order.
+(
+    _set_aggregate_type,
+    _set_aggregate_id,
+    _set_event_type,
+    _set_payload,
+    _set_topic,
+    _set_headers,
+    _set_saga_id,
+    _set_event_id,
+) = (getattr(OutboxEvent, f.name).__set__ for f in fields(OutboxEvent))
 
 
 @fast_init

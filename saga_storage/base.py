@@ -14,8 +14,8 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.sql.dml import Insert
 from sqlalchemy.sql.elements import ColumnElement
 
+from saga_core._loop_local import LoopLocal
 from saga_core.errors import StorageError
-from saga_storage._loop_local import LoopLocal
 from saga_storage.coalesce import Coalescer, Pending
 from saga_storage.migrations import MIGRATIONS, apply_pending
 from saga_storage.schema import Tables, build_tables

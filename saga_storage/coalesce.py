@@ -15,13 +15,14 @@ was handed the lead stays for that caller to flush.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import asyncio
+from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
 import anyio
 
-from saga_storage._loop_local import LoopLocal
+from saga_core._loop_local import LoopLocal, asyncio_loop
 
 T = TypeVar("T")
 
@@ -35,8 +36,33 @@ class Pending(Generic[T]):
     error: BaseException | None = None
     done: bool = False
     #: Set once: when the write is done, or when its caller is to lead the next flush.
-    wake: anyio.Event | None = None
+    wake: _Wake | asyncio.Future[None] | None = None
     lead: bool = False
+
+
+class _Wake:
+    """A one-shot wake-up with a future's interface (``done``, ``set_result``, ``await``) for
+    trio; on asyncio a bare ``asyncio.Future`` is used instead (an ``anyio.Event`` is an
+    asyncio event, its deque and a future: thousands of waiting sagas, each woken once)."""
+
+    __slots__ = ("_event",)
+
+    def __init__(self) -> None:
+        self._event = anyio.Event()
+
+    def done(self) -> bool:
+        return self._event.is_set()
+
+    def set_result(self, _value: None) -> None:
+        self._event.set()
+
+    def __await__(self) -> Generator[Any, Any, None]:
+        return self._event.wait().__await__()
+
+
+def _set(wake: _Wake | asyncio.Future[None]) -> None:
+    if not wake.done():
+        wake.set_result(None)
 
 
 @dataclass
@@ -71,19 +97,20 @@ class Coalescer(Generic[T]):
 
     async def submit(self, *args: Any) -> T:
         """Queue one write and return its result once the transaction holding it committed."""
-        q = self._queue.get()
+        loop = asyncio_loop()
+        q = self._queue.get_on(loop)
         item: Pending[T] = Pending(args)
         q.items.append(item)
         if q.leaders >= self._max_flushes:
-            item.wake = anyio.Event()
+            wake = item.wake = loop.create_future() if loop is not None else _Wake()
             try:
-                await item.wake.wait()
+                await wake
             except BaseException:
                 # Cancelled while waiting: the write stays queued (it is flushed anyway, its
                 # outcome unknown to this caller). Nobody waits on it now, so it must not be
-                # handed the lead (the set event says so); a lead handed to us goes on, and
-                # the write becomes anyone's to flush.
-                item.wake.set()
+                # handed the lead (the wake being done says so: a cancelled future is); a
+                # lead handed to us goes on, and the write becomes anyone's to flush.
+                _set(wake)
                 if item.lead:
                     item.lead = False
                     self._hand_over(q)
@@ -131,15 +158,15 @@ class Coalescer(Generic[T]):
     def _wake_done(batch: list[Pending[T]]) -> None:
         for done in batch:
             if done.done and done.wake is not None:
-                done.wake.set()
+                _set(done.wake)
 
     @staticmethod
     def _hand_over(q: _Queue) -> None:
         """Wake the oldest waiting write's caller to lead the next flush, or stop leading."""
         for waiting in q.items:
-            if waiting.wake is not None and not waiting.wake.is_set():
+            if waiting.wake is not None and not waiting.wake.done():
                 waiting.lead = True
-                waiting.wake.set()
+                waiting.wake.set_result(None)
                 return
         q.leaders -= 1
 

@@ -724,11 +724,11 @@ async def test_the_driver_exits_when_no_run_is_left_and_a_new_run_starts_another
     for k in keepers:
         k.stop()
     with anyio.fail_after(5):  # a call in flight when they stopped ends first
-        while _leases._groups.get({}):
+        while _leases._groups.get():
             await anyio.sleep(0.01)
     calls = len(renewals.calls)
     assert calls >= 1
-    assert _leases._groups.get({}) == {}  # the driver ended and forgot its group
+    assert _leases._groups.get() == {}  # the driver ended and forgot its group
     await anyio.sleep(lease)
     assert len(renewals.calls) == calls  # nobody renews stopped runs
 
@@ -793,7 +793,7 @@ async def test_a_driver_that_cannot_start_fails_the_run_and_leaves_nothing_behin
     monkeypatch.setattr(_leases, "_spawn_system_task", refuse)
     with anyio.fail_after(10), pytest.raises(RuntimeError, match="system nursery"):
         await orch.execute(_Sleeper(), {"seconds": 0}, saga_id=_sid())
-    for group in _leases._groups.get({}).values():
+    for group in _leases._groups.get().values():
         assert not group.members
         assert group._driver is None
     monkeypatch.undo()
