@@ -90,6 +90,28 @@ STEP_UPDATE_COLUMNS = _columns(
 )
 
 
+#: The fenced update of each write (``Statements.fence_write``), one array per parameter.
+FENCE_COLUMNS = _columns(
+    ("id", "text"),
+    ("owner", "text"),
+    ("epoch", "int8"),
+    ("ts", "float8"),
+    ("first_event", "text"),
+    ("set_status", "bool"),
+    ("release", "bool"),
+    ("wake_in", "float8"),
+    ("status", "text"),
+    ("reason", "text"),
+    ("failed_step", "text"),
+    ("error_type", "text"),
+    ("error_message", "text"),
+    ("note", "text"),
+)
+
+#: The saga columns a write sets only with a status (``b_set_status``).
+_STATUS_COLUMNS = ("status", "reason", "failed_step", "error_type", "error_message", "note")
+
+
 def arrays(rows: Sequence[Mapping[str, Any]], columns: Sequence[ArrayColumn]) -> list[list[Any]]:
     """The statement's array parameters: per column, its parameter's value in every row.
     psycopg refuses a list mixing ``int`` and ``float`` (a lease of 30 beside one of 12.5),
@@ -127,6 +149,9 @@ class ArrayStatements:
     insert_steps: str
     #: one array per column of :data:`STEP_UPDATE_COLUMNS`; each (saga, step) at most once.
     update_steps: str
+    #: the ids, then one array per column of :data:`FENCE_COLUMNS`; each saga at most once.
+    #: Returns the ids whose fence held (their update was made).
+    fence_write: str
 
 
 def array_statements(engine: Engine, tables: Tables, now: str) -> ArrayStatements:
@@ -139,6 +164,9 @@ def array_statements(engine: Engine, tables: Tables, now: str) -> ArrayStatement
     step_names = ", ".join(c.name for c in STEP_INSERT_COLUMNS)
     step_sets = ", ".join(f"{c.name} = u.{c.name}" for c in STEP_UPDATE_COLUMNS[2:])
     names = ", ".join(c.name for c in OUTBOX_ARRAY_COLUMNS)
+    status_sets = ", ".join(
+        f"{c} = CASE WHEN u.set_status THEN u.{c} ELSE s.{c} END" for c in _STATUS_COLUMNS
+    )
     insert = (
         f"INSERT INTO {outbox} ({names}, status, attempts, created_at)"
         f" SELECT {names}, 'PENDING', 0, %s::float8 FROM {_unnest(OUTBOX_ARRAY_COLUMNS)}"
@@ -166,5 +194,22 @@ def array_statements(engine: Engine, tables: Tables, now: str) -> ArrayStatement
         update_steps=(
             f"UPDATE {steps} AS s SET {step_sets} FROM {_unnest(STEP_UPDATE_COLUMNS)}"
             " WHERE s.saga_id = u.saga_id AND s.name = u.name"
+        ),
+        # Statements.fence_write for many sagas. The rows are locked in saga id order first
+        # (as a lease renewal locks them, and as the same updates one by one in a sorted batch
+        # did): a join's own order follows its plan, and could deadlock with a renewal.
+        fence_write=(
+            f"WITH locked AS (SELECT id FROM {sagas} WHERE id = ANY(%b::text[])"
+            ' ORDER BY id COLLATE "C" FOR UPDATE)'
+            f" UPDATE {sagas} AS s SET version = s.version + 1, updated_at = u.ts, {status_sets},"
+            " lease_owner = CASE WHEN u.release THEN NULL ELSE s.lease_owner END,"
+            " lease_until = CASE WHEN u.release THEN NULL ELSE s.lease_until END,"
+            f" wake_at = CASE WHEN u.wake_in IS NOT NULL THEN {now} + u.wake_in"
+            " WHEN u.release THEN NULL ELSE s.wake_at END"
+            f" FROM {_unnest(FENCE_COLUMNS)} JOIN locked ON locked.id = u.id"
+            " WHERE s.id = u.id AND s.lease_owner = u.owner AND s.lease_epoch = u.epoch"
+            " AND (u.first_event IS NULL"
+            f" OR NOT EXISTS (SELECT 1 FROM {outbox} AS o WHERE o.event_id = u.first_event))"
+            " RETURNING s.id"
         ),
     )

@@ -33,6 +33,7 @@ from sqlalchemy.sql.elements import ColumnElement
 
 from saga_core.errors import StorageError
 from saga_storage._pg_arrays import (
+    FENCE_COLUMNS,
     OUTBOX_ARRAY_COLUMNS,
     SAGA_ARRAY_COLUMNS,
     STEP_INSERT_COLUMNS,
@@ -149,7 +150,15 @@ class PostgresStorage(SqlStorage):
         (SQLAlchemy offers executemany with RETURNING only for INSERT)."""
         if len(params) < 2:
             return super()._fence_all(conn, params)
-        return self._executemany(conn, self.sql.fence_write, params, returning=True)
+        ids = [p["b_id"] for p in params]
+        if len(set(ids)) < len(ids):
+            # One statement updates a row once: a saga written twice in one batch (a late
+            # thread's record beside its own write) goes row by row, in order.
+            return self._executemany(conn, self.sql.fence_write, params, returning=True)
+        with _driver_cursor(conn) as cur:
+            cur.execute(self._arrays.fence_write, (ids, *arrays(params, FENCE_COLUMNS)))
+            held = {row[0] for row in cur.fetchall()}
+        return [i in held for i in ids]
 
     def _execute_many(self, conn: Connection, stmt: Any, rows: Sequence[dict[str, Any]]) -> None:
         if len(rows) < 2:

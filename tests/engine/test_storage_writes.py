@@ -547,3 +547,91 @@ async def test_two_batches_in_flight_share_sagas_and_keys_without_deadlock(pg_ur
             assert seqs == list(range(1, len(seqs) + 1))
     finally:
         storage.dispose()
+
+
+def test_the_fenced_updates_of_a_batch_in_one_statement_do_what_they_do_one_by_one(
+    pg_url: str,
+) -> None:
+    """PostgreSQL applies a batch's fenced updates as one array statement. Every kind of write
+    (a step record alone, a status with an error, a final status that lets the lease go, a
+    suspension with a wake time, a note, a write whose fence fails, a retry whose first try
+    committed) leaves each saga row exactly as the one-by-one statement does, and reports the
+    same fences as held."""
+    from saga_core.errors import ErrorRecord
+    from saga_core.records import Fence
+    from saga_storage.saga_repository import SagaRepository, _fence_params
+
+    storage = create_storage(pg_url)
+    sagas, out = storage.tables.sagas, storage.tables.outbox
+    try:
+        stored_event = OutboxEvent(event_type="done", payload={}, saga_id="x")
+        kinds = [
+            SagaWrite(),
+            SagaWrite(
+                status=SagaStatus.COMPENSATING,
+                failed_step="b",
+                error=ErrorRecord("Boom", "it broke"),
+            ),
+            SagaWrite(status=SagaStatus.COMPLETED, release_lease=True),
+            SagaWrite(status=SagaStatus.FAILED, reason="compensation_failed", release_lease=True),
+            SagaWrite(wake_in=12.5),
+            SagaWrite(status=SagaStatus.FAILED, reason="forward_stuck", note="an operator's"),
+            SagaWrite(events=(OutboxEvent(event_type="e", payload={}, saga_id="x"),)),
+            SagaWrite(),  # its fence fails (another owner took the saga)
+            SagaWrite(events=(stored_event,)),  # its first try committed: matches nothing
+        ]
+        results: dict[str, tuple[list[bool], list[dict[str, Any]]]] = {}
+        for how in ("one by one", "one statement"):
+            fences: list[Fence] = []
+            for i in range(len(kinds)):
+                sid = f"fw-{how[4]}-{i}-{uuid.uuid4().hex[:6]}"
+                _, fence = anyio.run(
+                    lambda s=sid: storage.create_saga(_new(s), lease_owner="me", lease_seconds=30)
+                )
+                assert fence is not None
+                fences.append(fence)
+            with storage.engine.begin() as conn:
+                conn.execute(
+                    update(sagas)
+                    .where(sagas.c.id == fences[7].saga_id)
+                    .values(lease_epoch=sagas.c.lease_epoch + 1, lease_owner="thief")
+                )
+                if how == "one by one":  # the event id is then stored for both runs
+                    conn.execute(
+                        out.insert().values(
+                            event_id=stored_event.event_id, saga_id=fences[8].saga_id, topic="t",
+                            key=fences[8].saga_id, seq=1, event_type="done", payload="{}",
+                            headers="{}", status="SENT", attempts=0, created_at=1.0,
+                        )  # fmt: skip
+                    )
+            params = [_fence_params(f, k, 1000.0) for f, k in zip(fences, kinds, strict=True)]
+            with storage.engine.begin() as conn:
+                if how == "one by one":
+                    held = SagaRepository._fence_all(storage, conn, params)
+                else:
+                    held = storage._fence_all(conn, params)
+                    rows = conn.execute(select(sagas.c.id)).all()
+                    assert rows  # the statement ran on the transaction's connection
+            with storage.engine.connect() as conn:
+                stored = [
+                    dict(conn.execute(select(sagas).where(sagas.c.id == f.saga_id)).one()._mapping)
+                    for f in fences
+                ]
+            results[how] = (held, stored)
+        (held_1, rows_1), (held_n, rows_n) = results["one by one"], results["one statement"]
+        assert held_1 == held_n == [True] * 7 + [False, False]
+        for one, many in zip(rows_1, rows_n, strict=True):
+            assert (one["updated_at"] == 1000.0) == (many["updated_at"] == 1000.0)
+            for column in ("id", "created_at", "updated_at", "lease_until", "wake_at"):
+                a, b = one.pop(column), many.pop(column)
+                if column in ("created_at", "updated_at"):
+                    continue
+                if column == "wake_at" and a is not None:
+                    assert b is not None and abs(a - b) < 60  # the database clock plus 12.5 s
+                else:
+                    assert (a is None) == (b is None), column
+            assert one == many
+        assert rows_n[4]["lease_owner"] is None and rows_n[2]["status"] == "COMPLETED"
+        assert [r["version"] for r in rows_n] == [1] * 7 + [0, 0]
+    finally:
+        storage.dispose()
