@@ -149,7 +149,7 @@ class ArrayStatements:
     insert_steps: str
     #: one array per column of :data:`STEP_UPDATE_COLUMNS`; each (saga, step) at most once.
     update_steps: str
-    #: the ids, then one array per column of :data:`FENCE_COLUMNS`; each saga at most once.
+    #: one array per column of :data:`FENCE_COLUMNS`; each saga at most once.
     #: Returns the ids whose fence held (their update was made).
     fence_write: str
 
@@ -197,19 +197,21 @@ def array_statements(engine: Engine, tables: Tables, now: str) -> ArrayStatement
         ),
         # Statements.fence_write for many sagas. The rows are locked in saga id order first
         # (as a lease renewal locks them, and as the same updates one by one in a sorted batch
-        # did): a join's own order follows its plan, and could deadlock with a renewal.
+        # did): an UPDATE's join locks in whatever order its plan reads them, which could
+        # deadlock with a renewal. The lock query carries the batch's values along.
         fence_write=(
-            f"WITH locked AS (SELECT id FROM {sagas} WHERE id = ANY(%b::text[])"
-            ' ORDER BY id COLLATE "C" FOR UPDATE)'
+            f"WITH u AS (SELECT u.* FROM {_unnest(FENCE_COLUMNS)}"
+            f" JOIN {sagas} AS l ON l.id = u.id"
+            ' ORDER BY l.id COLLATE "C" FOR UPDATE OF l)'
             f" UPDATE {sagas} AS s SET version = s.version + 1, updated_at = u.ts, {status_sets},"
             " lease_owner = CASE WHEN u.release THEN NULL ELSE s.lease_owner END,"
             " lease_until = CASE WHEN u.release THEN NULL ELSE s.lease_until END,"
             f" wake_at = CASE WHEN u.wake_in IS NOT NULL THEN {now} + u.wake_in"
             " WHEN u.release THEN NULL ELSE s.wake_at END"
-            f" FROM {_unnest(FENCE_COLUMNS)} JOIN locked ON locked.id = u.id"
-            " WHERE s.id = u.id AND s.lease_owner = u.owner AND s.lease_epoch = u.epoch"
-            " AND (u.first_event IS NULL"
-            f" OR NOT EXISTS (SELECT 1 FROM {outbox} AS o WHERE o.event_id = u.first_event))"
+            " FROM u WHERE s.id = u.id AND s.lease_owner = u.owner AND s.lease_epoch = u.epoch"
+            # A NULL first_event matches no row: no IS NULL test, so this stays an anti-join
+            # (one index probe per write), not a subplan hashing the whole outbox.
+            f" AND NOT EXISTS (SELECT 1 FROM {outbox} AS o WHERE o.event_id = u.first_event)"
             " RETURNING s.id"
         ),
     )

@@ -156,7 +156,8 @@ class PostgresStorage(SqlStorage):
             # thread's record beside its own write) goes row by row, in order.
             return self._executemany(conn, self.sql.fence_write, params, returning=True)
         with _driver_cursor(conn) as cur:
-            cur.execute(self._arrays.fence_write, (ids, *arrays(params, FENCE_COLUMNS)))
+            _by_key_only(conn, cur)
+            cur.execute(self._arrays.fence_write, arrays(params, FENCE_COLUMNS))
             held = {row[0] for row in cur.fetchall()}
         return [i in held for i in ids]
 
@@ -236,6 +237,7 @@ class PostgresStorage(SqlStorage):
             super()._update_steps(conn, rows)
             return
         with _driver_cursor(conn) as cur:
+            _by_key_only(conn, cur)
             cur.execute(self._arrays.update_steps, arrays(rows, STEP_UPDATE_COLUMNS))
 
     def _now(self) -> ColumnElement[float]:
@@ -315,6 +317,29 @@ class PostgresStorage(SqlStorage):
 #: The database clock in epoch seconds. clock_timestamp(), not now(): leases compare against
 #: real time, not the transaction's start.
 _NOW = "(extract(epoch from clock_timestamp()))::float8"
+
+
+def _by_key_only(conn: Connection, cur: Any) -> None:
+    """Plan this transaction's joins as nested loops over the primary key.
+
+    The array updates (``_pg_arrays``) join a batch of a few hundred rows to the sagas or steps
+    table by primary key. A table never analyzed, or grown since it was (a new deployment, a
+    benchmark), is estimated at a few hundred rows, and the planner then hashes the whole table
+    (a sequential scan on every batch: 7 ms instead of 2.6 ms for 200 step rows among 15,000,
+    and growing with the table). Each statement of a write batch reads rows by key, so
+    nothing in it gains from a hash or merge join. ``SET LOCAL``: until the transaction ends.
+    """
+    tx = conn.get_transaction()
+    if conn.info.get(_BY_KEY) is tx:
+        return
+    cur.execute(
+        "SET LOCAL enable_hashjoin = off; SET LOCAL enable_mergejoin = off;"
+        " SET LOCAL enable_seqscan = off"
+    )
+    conn.info[_BY_KEY] = tx
+
+
+_BY_KEY = "saga_by_key_only"
 
 
 @contextlib.contextmanager
