@@ -597,13 +597,20 @@ def test_the_fenced_updates_of_a_batch_in_one_statement_do_what_they_do_one_by_o
                     .values(lease_epoch=sagas.c.lease_epoch + 1, lease_owner="thief")
                 )
                 if how == "one by one":  # the event id is then stored for both runs
-                    conn.execute(
-                        out.insert().values(
-                            event_id=stored_event.event_id, saga_id=fences[8].saga_id, topic="t",
-                            key=fences[8].saga_id, seq=1, event_type="done", payload="{}",
-                            headers="{}", status="SENT", attempts=0, created_at=1.0,
-                        )  # fmt: skip
-                    )
+                    row = {
+                        "event_id": stored_event.event_id,
+                        "saga_id": fences[8].saga_id,
+                        "topic": "t",
+                        "key": fences[8].saga_id,
+                        "seq": 1,
+                        "event_type": "done",
+                        "payload": "{}",
+                        "headers": "{}",
+                        "status": "SENT",
+                        "attempts": 0,
+                        "created_at": 1.0,
+                    }
+                    conn.execute(out.insert().values(**row))
             params = [_fence_params(f, k, 1000.0) for f, k in zip(fences, kinds, strict=True)]
             with storage.engine.begin() as conn:
                 if how == "one by one":
@@ -633,5 +640,54 @@ def test_the_fenced_updates_of_a_batch_in_one_statement_do_what_they_do_one_by_o
             assert one == many
         assert rows_n[4]["lease_owner"] is None and rows_n[2]["status"] == "COMPLETED"
         assert [r["version"] for r in rows_n] == [1] * 7 + [0, 0]
+    finally:
+        storage.dispose()
+
+
+async def test_a_write_batch_reads_rows_by_key_on_a_table_never_analyzed(pg_url: str) -> None:
+    """The batch's array updates join a few hundred rows to the sagas and steps tables by key.
+    On a table the planner has no statistics for (a new deployment), it took the table for a
+    small one and hashed all of it on every batch; each array update of a real batch must be
+    planned as index lookups: no sequential scan, no hash or merge join."""
+    import psycopg
+
+    storage = create_storage(pg_url)
+    try:
+        fences = {}
+
+        async def create(i: int) -> None:
+            sid = f"plan-{i:05d}-{uuid.uuid4().hex[:6]}"
+            _, fences[sid] = await storage.create_saga(
+                _new(sid), lease_owner="me", lease_seconds=60
+            )
+
+        async with anyio.create_task_group() as tg:
+            for i in range(3000):
+                tg.start_soon(create, i)
+        plans: list[str] = []
+        original = psycopg.Cursor.execute
+
+        def explained(self: Any, query: Any, params: Any = None, **kw: Any) -> Any:
+            if str(query).lstrip().startswith(("UPDATE", "WITH")) and params:
+                original(self, f"EXPLAIN {query}", params)
+                plans.append("\n".join(row[0] for row in self.fetchall()))
+            return original(self, query, params, **kw)
+
+        psycopg.Cursor.execute = explained  # type: ignore[method-assign]
+        try:
+            async with anyio.create_task_group() as tg:
+                for sid in list(fences)[1000:1300]:
+                    change = SagaWrite(
+                        steps=(StepState("a", StepStatus.SUCCEEDED, attempts=1, result={}),),
+                        events=(OutboxEvent(event_type="a_done", payload={}, saga_id=sid),),
+                    )
+                    tg.start_soon(storage.write, fences[sid], change)
+        finally:
+            psycopg.Cursor.execute = original  # type: ignore[method-assign]
+        kinds = {"sagas" if "saga_sagas s" in p.split("\n")[0] else "steps" for p in plans}
+        assert kinds == {"sagas", "steps"}  # both array updates ran, and were read
+        for plan in plans:
+            assert "Seq Scan" not in plan and "Hash Join" not in plan and "Merge" not in plan, plan
+            assert "Index Scan" in plan, plan
     finally:
         storage.dispose()
