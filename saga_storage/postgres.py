@@ -328,6 +328,9 @@ def _by_key_only(conn: Connection, cur: Any) -> None:
     (a sequential scan on every batch: 7 ms instead of 2.6 ms for 200 step rows among 15,000,
     and growing with the table). Each statement of a write batch reads rows by key, so
     nothing in it gains from a hash or merge join. ``SET LOCAL``: until the transaction ends.
+    Only our own statements follow it: in a transactional step's transaction the user's SQL
+    has run before the saga's write, and ``append_outbox_many`` on a caller's connection
+    never comes here.
     """
     tx = conn.get_transaction()
     if conn.info.get(_BY_KEY) is tx:
