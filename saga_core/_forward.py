@@ -24,7 +24,7 @@ from saga_core._run_base import (
 from saga_core.context import StepContext
 from saga_core.definition import StepDefinition
 from saga_core.errors import ErrorRecord, LeaseLost, StorageError
-from saga_core.events import checked_event
+from saga_core.events import _checked_event
 from saga_core.records import REJECTED, SUCCEEDED, UNKNOWN, SagaWrite, StepState
 from saga_core.states import SagaStatus, StepStatus
 
@@ -277,7 +277,7 @@ class ForwardPhase(RunBase):
         )
         # Every part checked already (the definition at import, the id at begin, the result
         # just above): the event is built without checking them again.
-        event = checked_event(
+        event = _checked_event(
             sd.aggregate_type,
             sd.event_type,
             sd.topic,

@@ -116,7 +116,7 @@ class OutboxEvent:
         return dumps(self.payload)
 
 
-def checked_event(
+def _checked_event(
     aggregate_type: str | None,
     event_type: str,
     topic: str | None,

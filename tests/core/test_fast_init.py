@@ -142,3 +142,38 @@ def test_outbox_event_still_validates() -> None:
         OutboxEvent(aggregate_id="o-1", event_type="x", payload={"bad": object()})
     first, second = (OutboxEvent(aggregate_id="o-1", event_type="x") for _ in range(2))
     assert first.event_id != second.event_id  # the factory runs per event
+
+
+_names = st.text(alphabet=st.characters(min_codepoint=0x20, max_codepoint=0x2FFF), min_size=1)
+
+
+@given(
+    aggregate_type=st.none() | _names,
+    event_type=_names,
+    topic=st.none() | _names,
+    saga_id=_names,
+    result=st.dictionaries(st.text(), st.integers() | st.text() | st.none(), max_size=4),
+)
+def test_a_step_event_built_unchecked_equals_the_checked_one(
+    aggregate_type: str | None, event_type: str, topic: str | None, saga_id: str, result: Any
+) -> None:
+    """A saga step's event is built without ``__post_init__`` (its parts are checked where
+    they enter): for any parts the checked constructor accepts, it is the same event, with
+    every field set and a fresh id."""
+    from saga_core.events import _checked_event
+
+    payload = {"saga_id": saga_id, "step": "s", "result": result, "occurred_at": "t"}
+    fast = _checked_event(aggregate_type, event_type, topic, saga_id, payload)
+    checked = OutboxEvent(
+        aggregate_type=aggregate_type,
+        event_type=event_type,
+        topic=topic,
+        saga_id=saga_id,
+        payload=payload,
+        event_id=fast.event_id,
+    )
+    assert fast == checked
+    assert [getattr(fast, f.name) for f in dataclasses.fields(OutboxEvent)] == [
+        getattr(checked, f.name) for f in dataclasses.fields(OutboxEvent)
+    ]
+    assert fast.event_id != _checked_event(aggregate_type, event_type, topic, saga_id, {}).event_id
