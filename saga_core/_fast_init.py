@@ -14,9 +14,10 @@ import dataclasses
 import inspect
 import sys
 import types
+from collections.abc import Callable
 from typing import Any, TypeVar
 
-__all__ = ["fast_init"]
+__all__ = ["fast_init", "fast_replace"]
 
 T = TypeVar("T")
 
@@ -86,3 +87,33 @@ def _slot(cls: type, name: str) -> types.MemberDescriptorType:
         if isinstance(found, types.MemberDescriptorType):
             return found
     raise TypeError(f"fast_init: {cls.__qualname__}.{name} is not a slot")
+
+
+_KEEP: Any = object()
+
+
+def fast_replace(cls: type[T]) -> Callable[..., T]:
+    """``dataclasses.replace`` for ``cls`` (a ``fast_init`` class), at about half the cost.
+
+    ``replace`` reads the class's fields and builds a dict of keyword arguments on every call;
+    this function's keyword-only parameters are the fields, each defaulting to "keep". An
+    unknown field is a ``TypeError``, as with ``replace``. Saga runs replace a step record a
+    few times per step.
+    """
+    fields = dataclasses.fields(cls)  # type: ignore[arg-type]
+    names = [f.name for f in fields]
+    clash = set(names) & {"obj", "_KEEP", "_cls"}
+    if clash:
+        raise TypeError(f"fast_replace: {cls.__qualname__} has a field named {sorted(clash)[0]}")
+    params = ", ".join(f"{n}=_KEEP" for n in names)
+    values = ", ".join(f"obj.{n} if {n} is _KEEP else {n}" for n in names)
+    namespace: dict[str, Any] = {}
+    # Our own generated source, as fast_init's.
+    exec(
+        f"def replace(obj, /, *, {params}):\n    return _cls({values})\n",
+        {"_KEEP": _KEEP, "_cls": cls},
+        namespace,
+    )
+    function: Callable[..., T] = namespace["replace"]
+    function.__qualname__ = f"replace_{cls.__name__}"
+    return function

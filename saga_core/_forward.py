@@ -25,7 +25,7 @@ from saga_core.context import StepContext
 from saga_core.definition import StepDefinition
 from saga_core.errors import ErrorRecord, LeaseLost, StorageError
 from saga_core.events import _checked_event
-from saga_core.records import REJECTED, SUCCEEDED, UNKNOWN, SagaWrite, StepState
+from saga_core.records import REJECTED, SUCCEEDED, UNKNOWN, SagaWrite, StepState, _replace_step
 from saga_core.states import SagaStatus, StepStatus
 
 
@@ -267,7 +267,7 @@ class ForwardPhase(RunBase):
         """The step's success with its event; with the first attempts ``opened`` of the steps
         it unblocks, and with ``complete``, the saga's completion (releasing the lease)."""
         value = {} if result is None else check_json_object(result, f"result of step {sd.name!r}")
-        done = replace(
+        done = _replace_step(
             row,
             status=self._step_to(row.name, StepStatus.SUCCEEDED),
             outcome=SUCCEEDED,

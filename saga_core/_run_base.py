@@ -6,7 +6,7 @@ import functools
 import logging
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
@@ -20,7 +20,7 @@ from saga_core.definition import DeclarativeSaga, SagaDefinition
 from saga_core.errors import ErrorRecord, LeaseLost, StorageError
 from saga_core.outbox import OptimisticPublisher
 from saga_core.ports import SagaStore
-from saga_core.records import Fence, SagaState, SagaWrite, StepState
+from saga_core.records import Fence, SagaState, SagaWrite, StepState, _replace_step
 from saga_core.states import SagaStatus, StepStatus, saga_transition, step_transition
 
 log = logging.getLogger("saga")
@@ -201,7 +201,7 @@ class RunBase:
         return step_transition(self.steps[name].status, status)
 
     def _step(self, name: str, *, status: StepStatus, **changes: Any) -> StepState:
-        return replace(self.steps[name], status=self._step_to(name, status), **changes)
+        return _replace_step(self.steps[name], status=self._step_to(name, status), **changes)
 
     async def _commit(self, write: SagaWrite, *, update_rows: bool = True) -> None:
         """Persist ``write``, retrying database failures with the same payload.

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
-from saga_core._fast_init import fast_init
+from saga_core._fast_init import fast_init, fast_replace
 from saga_core.errors import ErrorRecord
 from saga_core.events import OutboxEvent
 from saga_core.states import OutboxStatus, SagaStatus, StepStatus
@@ -52,6 +52,10 @@ class StepState:
     def finished_time(self) -> datetime | None:
         """When the step (or its compensation) last finished."""
         return _dt(self.finished_at)
+
+
+#: ``dataclasses.replace`` for a ``StepState`` (the engine's hot path), at half its cost.
+_replace_step = fast_replace(StepState)
 
 
 @fast_init

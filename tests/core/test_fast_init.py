@@ -16,7 +16,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from saga_core import Message, OutboxEvent
+from saga_core import Message, OutboxEvent, StepStatus
 from saga_core._fast_init import fast_init
 from saga_core.records import (
     ClaimedKey,
@@ -177,3 +177,29 @@ def test_a_step_event_built_unchecked_equals_the_checked_one(
         getattr(checked, f.name) for f in dataclasses.fields(OutboxEvent)
     ]
     assert fast.event_id != _checked_event(aggregate_type, event_type, topic, saga_id, {}).event_id
+
+
+@given(
+    st.fixed_dictionaries(
+        {},
+        optional={
+            "name": st.text(max_size=5),
+            "status": st.sampled_from(list(StepStatus)),
+            "outcome": st.none() | st.sampled_from(["succeeded", "unknown", "rejected"]),
+            "attempts": st.integers(0, 9),
+            "result": st.none() | st.dictionaries(st.text(max_size=3), st.integers(), max_size=2),
+            "crashes": st.integers(0, 9),
+            "started_at": st.none() | st.floats(0, 1e10),
+            "finished_at": st.none() | st.floats(0, 1e10),
+        },
+    )
+)
+def test_fast_replace_is_dataclasses_replace(changes: dict[str, Any]) -> None:
+    """The engine's step-record replace gives what ``dataclasses.replace`` gives, for any
+    subset of fields changed, and refuses an unknown field as it does."""
+    from saga_core.records import _replace_step
+
+    row = StepState("a", StepStatus.RUNNING, attempts=1, result={"x": 1}, started_at=1.0)
+    assert _replace_step(row, **changes) == dataclasses.replace(row, **changes)
+    with pytest.raises(TypeError):
+        _replace_step(row, nope=1)
