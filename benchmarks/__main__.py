@@ -82,6 +82,13 @@ def parser() -> argparse.ArgumentParser:
         "--sagas", type=int, default=None, help="concurrent 3-step sagas (10-step: a fifth of it)"
     )
     p.add_argument("--sequential", type=int, default=None, help="sagas run one by one")
+    p.add_argument(
+        "--saga-broker",
+        default=None,
+        metavar="URL",
+        help="give our saga orchestrator this broker (e.g. memory://): each step's event is "
+        "published as it commits (optimistic publishing), as in a deployment with a broker",
+    )
     p.add_argument("--no-latency", action="store_true", help="skip the outbox latency runs")
     p.add_argument("--no-progress", action="store_true", help="no progress display")
     p.add_argument(
@@ -118,6 +125,8 @@ def config_from(args: argparse.Namespace) -> SuiteConfig:
         )
     if args.sequential is not None:
         saga = replace(saga, sequential=args.sequential)
+    if args.saga_broker is not None:
+        saga = replace(saga, broker=args.saga_broker)
     return replace(config, outbox=outbox, saga=saga)
 
 

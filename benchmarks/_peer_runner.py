@@ -461,7 +461,11 @@ async def ours_saga(args: dict[str, Any]) -> dict[str, Any]:
     """One of our saga cases (:func:`benchmarks.saga.saga_case_here`)."""
     from benchmarks.saga import SagaSizes, saga_case_here
 
-    sizes = SagaSizes(sequential=args["sequential"], concurrent={args["shape"]: args["concurrent"]})
+    sizes = SagaSizes(
+        sequential=args["sequential"],
+        concurrent={args["shape"]: args["concurrent"]},
+        broker=args.get("broker"),
+    )
     return await saga_case_here(
         args["storage"], args["shape"], sizes, before_concurrent=functools.partial(barrier, args)
     )

@@ -29,6 +29,7 @@ from sqlalchemy import event, func, select
 from benchmarks._measure import Meter, percentile, rate
 from benchmarks._peer_runner import run_isolated
 from benchmarks._servers import fresh_database
+from saga_brokers import create_broker
 from saga_core import DeclarativeSaga, SagaOrchestrator, StepContext, step
 from saga_core.records import Fence
 from saga_storage import SqlStorage, create_storage
@@ -120,6 +121,10 @@ class SagaSizes:
     #: keeps thousands of threads and falls to 13 sagas/s (the full run then outlived its
     #: 600 s limit), which would flatter the ratio against it.
     peer_concurrent: dict[str, int] | None = None
+    #: A broker URL for our orchestrator (``--saga-broker``): each step's event is then
+    #: published optimistically as it commits, as in a deployment with a broker. None: no
+    #: broker, the events stay in the outbox (what the peers' rows compare with).
+    broker: str | None = None
 
     def concurrent_for(self, shape: str) -> int:
         defaults = {"3-step": 5_000, "10-step fan-out": 1_000}
@@ -147,6 +152,7 @@ async def saga_case(storage_kind: str, shape: str, sizes: SagaSizes) -> dict[str
         "shape": shape,
         "sequential": sizes.sequential,
         "concurrent": sizes.concurrent_for(shape),
+        "broker": sizes.broker,
     }
     result: dict[str, Any] = await anyio.to_thread.run_sync(run_isolated, args, 900.0)
     result.pop("seconds", None)  # the child's whole run, setup included: not a measurement
@@ -194,7 +200,39 @@ async def _saga_case(
         return await renew(owner, fences, lease_seconds)
 
     storage.renew_leases = counting_renew  # type: ignore[method-assign]
-    orchestrator = SagaOrchestrator(storage)
+    broker = create_broker(sizes.broker) if sizes.broker else None
+    try:
+        orchestrator = SagaOrchestrator(storage, broker=broker)
+        return await _run_sagas(
+            storage,
+            orchestrator,
+            kind,
+            shape,
+            cls,
+            n_steps,
+            sizes,
+            commits,
+            renewals,
+            before_concurrent,
+        )
+    finally:
+        event.remove(storage.engine, "commit", on_commit)
+        if broker is not None:
+            await broker.aclose()
+
+
+async def _run_sagas(
+    storage: SqlStorage,
+    orchestrator: SagaOrchestrator,
+    kind: str,
+    shape: str,
+    cls: type[DeclarativeSaga],
+    n_steps: int,
+    sizes: SagaSizes,
+    commits: list[int],
+    renewals: list[int],
+    before_concurrent: Callable[[], None] | None,
+) -> dict[str, Any]:
     for i in range(5):  # warm-up: pool, statement caches
         await orchestrator.execute(cls, {"n": -i - 1})
     latencies: list[float] = []
@@ -222,12 +260,12 @@ async def _saga_case(
     renewed = renewals[0] - renewed
     shared = storage.engine is _lease_engine(storage)  # renewals also counted as commits
     total_commits = commits[0] - before - (renewed if shared else 0)
-    event.remove(storage.engine, "commit", on_commit)
-    completed, steps_ok, events = await anyio.to_thread.run_sync(_stored_counts, storage)
+    completed, steps_ok, events, sent = await anyio.to_thread.run_sync(_stored_counts, storage)
     runs = 5 + sizes.sequential + n
     return {
         "storage": kind,
-        "shape": shape,
+        "shape": shape if sizes.broker is None else f"{shape}, publishing",
+        "broker": sizes.broker,
         "steps": n_steps,
         "sequential": sizes.sequential,
         "p50_ms": percentile(latencies, 50),
@@ -243,6 +281,8 @@ async def _saga_case(
         "completed": completed,
         "steps_succeeded": steps_ok,
         "outbox_events": events,
+        # No relay runs: only optimistic publishing (``broker``) sends any.
+        "events_sent": sent,
         "consistent": not failures
         and completed == runs
         and steps_ok == runs * n_steps
@@ -277,7 +317,7 @@ def _lease_engine(storage: SqlStorage) -> Any:
     return getattr(storage, "_lease_engine", None) or storage.engine
 
 
-def _stored_counts(storage: SqlStorage) -> tuple[int, int, int]:
+def _stored_counts(storage: SqlStorage) -> tuple[int, int, int, int]:
     t = storage.tables
     with storage.engine.connect() as conn:
         completed = conn.execute(
@@ -287,4 +327,7 @@ def _stored_counts(storage: SqlStorage) -> tuple[int, int, int]:
             select(func.count()).select_from(t.steps).where(t.steps.c.status == "SUCCEEDED")
         ).scalar_one()
         events = conn.execute(select(func.count()).select_from(t.outbox)).scalar_one()
-    return int(completed), int(steps_ok), int(events)
+        sent = conn.execute(
+            select(func.count()).select_from(t.outbox).where(t.outbox.c.status == "SENT")
+        ).scalar_one()
+    return int(completed), int(steps_ok), int(events), int(sent)

@@ -13,6 +13,7 @@ import json
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import anyio
@@ -168,6 +169,20 @@ def test_our_saga_case_runs_in_a_fresh_process_with_the_runs_gc_thresholds(
     row = anyio.run(saga_case, "sqlite", "3-step", TINY_SAGA)
     assert row["gc_threshold"] == [900, 11, 55]
     assert row["consistent"] is True and row["concurrent"] == 12, row
+
+
+def test_with_a_saga_broker_our_sagas_publish_as_they_commit() -> None:
+    """``--saga-broker``: our orchestrator gets the broker, so step events are published
+    optimistically as they commit (no relay runs in a saga case, so only that sends any);
+    without it none is sent. The row says which it was."""
+    sizes = replace(TINY_SAGA, broker="memory://")
+    row = anyio.run(saga_case, "sqlite", "3-step", sizes)
+    assert row["consistent"] is True and row["concurrent"] == 12, row
+    assert row["shape"] == "3-step, publishing" and row["broker"] == "memory://"
+    assert 0 < row["events_sent"] <= row["outbox_events"]
+    plain = anyio.run(saga_case, "sqlite", "3-step", TINY_SAGA)
+    assert plain["consistent"] is True and plain["broker"] is None
+    assert plain["events_sent"] == 0
 
 
 @pytest.mark.parametrize("bad", ["1,2", "700,10,x", "0,10,10", "-1,10,10", ""])
