@@ -17,7 +17,7 @@ import types
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-__all__ = ["fast_init", "fast_replace"]
+__all__ = ["fast_init", "fast_replace", "unchecked_init"]
 
 T = TypeVar("T")
 
@@ -57,28 +57,40 @@ def fast_init(cls: type[T]) -> type[T]:
         else:
             args.append(f.name)
         body.append(f"        _set{i}(self, {value})")
-    clash = {f.name for f in fields} & {*closure, "self", "__init__"}
+    clash = {f.name for f in fields} & {*closure, "self", "__init__", "unchecked"}
     if clash:
         raise TypeError(f"fast_init: {cls.__qualname__} has a field named {sorted(clash)[0]}")
-    if hasattr(cls, "__post_init__"):
-        body.append("        self.__post_init__()")
+    stores = "\n".join(body or ["        pass"])
+    post_init = "\n        self.__post_init__()" if hasattr(cls, "__post_init__") else ""
+    # ``unchecked``: the same stores without ``__post_init__`` (see ``unchecked_init``).
     source = (
         f"def __create_fn__({', '.join(closure)}):\n"
-        f"    def __init__(self, {', '.join(args)}) -> None:\n"
-        + "\n".join(body or ["        pass"])
-        + "\n    return __init__"
+        f"    def __init__(self, {', '.join(args)}) -> None:\n{stores}{post_init}\n"
+        f"    def unchecked(self, {', '.join(args)}) -> None:\n{stores}\n"
+        "    return __init__, unchecked"
     )
     module = sys.modules.get(cls.__module__)
     namespace: dict[str, Any] = {}
     # Our own generated source, as dataclasses itself does.
     exec(source, module.__dict__ if module is not None else {}, namespace)
-    init = namespace["__create_fn__"](**closure)
+    init, unchecked = namespace["__create_fn__"](**closure)
+    _UNCHECKED[cls] = unchecked
     init.__qualname__ = f"{cls.__qualname__}.__init__"
     init.__module__ = cls.__module__
     init.__doc__ = cls.__init__.__doc__
     init.__annotations__ = dict(cls.__init__.__annotations__)
     setattr(cls, "__init__", init)  # noqa: B010 - mypy refuses assigning a method
     return cls
+
+
+_UNCHECKED: dict[type, Callable[..., None]] = {}
+
+
+def unchecked_init(cls: type) -> Callable[..., None]:
+    """The ``__init__`` that ``fast_init`` gave ``cls``, without its ``__post_init__`` call:
+    ``unchecked_init(cls)(object.__new__(cls), ...)`` builds an instance (defaults and
+    factories applied) from values the caller has already checked."""
+    return _UNCHECKED[cls]
 
 
 def _slot(cls: type, name: str) -> types.MemberDescriptorType:

@@ -11,6 +11,7 @@ On trio every call takes anyio's own path.
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import Callable
 from typing import Any, Generic, TypeVar
 
@@ -72,24 +73,20 @@ class _Kinds:
         self.event: Callable[[], anyio.Event] = type(anyio.Event())
 
 
-_asyncio_kinds: list[_Kinds] = []
-
-
-def _kinds() -> _Kinds:
-    if not _asyncio_kinds:
-        _asyncio_kinds.append(_Kinds())
-    return _asyncio_kinds[0]
+@functools.cache
+def _asyncio_kinds() -> _Kinds:
+    return _Kinds()
 
 
 def cancel_scope(*, shield: bool = False) -> anyio.CancelScope:
     """``anyio.CancelScope(shield=shield)``, without the backend lookup on asyncio."""
     if asyncio_loop() is None:
         return anyio.CancelScope(shield=shield)
-    return (_asyncio_kinds[0] if _asyncio_kinds else _kinds()).scope(shield=shield)
+    return _asyncio_kinds().scope(shield=shield)
 
 
 def new_event() -> anyio.Event:
     """``anyio.Event()``, without the backend lookup on asyncio."""
     if asyncio_loop() is None:
         return anyio.Event()
-    return (_asyncio_kinds[0] if _asyncio_kinds else _kinds()).event()
+    return _asyncio_kinds().event()

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any
 
-from saga_core._fast_init import fast_init
+from saga_core._fast_init import fast_init, unchecked_init
 from saga_core._ids import new_uuid4
 from saga_core._json import check_json, dumps
 from saga_core._text import text_problem
@@ -128,28 +128,18 @@ def _checked_event(
     the step was defined, the saga id when the saga began, the payload's parts (the step's
     checked result, the step's name, a timestamp) as they were made."""
     event: OutboxEvent = object.__new__(OutboxEvent)
-    _set_aggregate_type(event, aggregate_type)
-    _set_aggregate_id(event, None)
-    _set_event_type(event, event_type)
-    _set_payload(event, payload)
-    _set_topic(event, topic)
-    _set_headers(event, {})
-    _set_saga_id(event, saga_id)
-    _set_event_id(event, new_uuid4())
+    _init_unchecked(
+        event,
+        aggregate_type=aggregate_type,
+        event_type=event_type,
+        payload=payload,
+        topic=topic,
+        saga_id=saga_id,
+    )
     return event
 
 
-# The slots' own setters (the class is frozen: its __setattr__ refuses), in field order.
-(
-    _set_aggregate_type,
-    _set_aggregate_id,
-    _set_event_type,
-    _set_payload,
-    _set_topic,
-    _set_headers,
-    _set_saga_id,
-    _set_event_id,
-) = (getattr(OutboxEvent, f.name).__set__ for f in fields(OutboxEvent))
+_init_unchecked = unchecked_init(OutboxEvent)
 
 
 @fast_init

@@ -651,6 +651,8 @@ async def test_a_write_batch_reads_rows_by_key_on_a_table_never_analyzed(pg_url:
     planned as index lookups: no sequential scan, no hash or merge join."""
     import psycopg
 
+    from saga_storage.saga_repository import _fence_params
+
     storage = create_storage(pg_url)
     try:
         fences = {}
@@ -689,5 +691,61 @@ async def test_a_write_batch_reads_rows_by_key_on_a_table_never_analyzed(pg_url:
         for plan in plans:
             assert "Seq Scan" not in plan and "Hash Join" not in plan and "Merge" not in plan, plan
             assert "Index Scan" in plan, plan
+        # The fenced updates lock their saga rows in id order, as lease renewals do (no
+        # deadlock between them): rows are locked as a sort by id hands them over.
+        fence = next(p for p in plans if "saga_sagas s" in p.split("\n")[0])
+        lock = fence.index("LockRows")
+        assert 'Sort Key: ((l.id)::character varying(255)) COLLATE "C"' in fence[lock:], fence
+        # SET LOCAL: the settings end with the batch's transaction, on its pooled connection.
+        with storage.engine.connect() as conn:
+            with conn.begin():
+                params = [
+                    _fence_params(fences[sid], SagaWrite(), 1.0) for sid in list(fences)[:2]
+                ]
+                storage._fence_all(conn, params)
+                assert conn.exec_driver_sql("SHOW enable_seqscan").scalar() == "off"
+            assert conn.exec_driver_sql("SHOW enable_seqscan").scalar() == "on"
+            assert conn.exec_driver_sql("SHOW enable_hashjoin").scalar() == "on"
+    finally:
+        storage.dispose()
+
+
+async def test_a_transactional_steps_own_sql_runs_under_the_default_planner_settings(
+    pg_url: str,
+) -> None:
+    """The planner settings a write batch sets (``SET LOCAL``) are for the library's own
+    statements: a transactional step's SQL, in the transaction its record commits in, runs
+    before them, with the server's defaults, even with many such sagas at once."""
+    from sqlalchemy import text
+
+    from saga_core import DeclarativeSaga, SagaOrchestrator, StepContext, step
+
+    class _Reads(DeclarativeSaga):
+        saga_type = "test-planner-settings"
+
+        @step(transactional=True)
+        def read(self, ctx: StepContext) -> dict[str, Any]:
+            row = ctx.connection.execute(
+                text("SELECT current_setting('enable_seqscan'), current_setting('enable_hashjoin')")
+            ).one()
+            return {"seqscan": row[0], "hashjoin": row[1]}
+
+        @step(depends_on=["read"])
+        async def after(self, ctx: StepContext) -> dict[str, Any]:
+            return {}
+
+    storage = create_storage(pg_url)
+    try:
+        orch = SagaOrchestrator(storage)
+        results: list[Any] = []
+
+        async def one() -> None:
+            results.append(await orch.execute(_Reads(), {}))
+
+        async with anyio.create_task_group() as tg:
+            for _ in range(20):
+                tg.start_soon(one)
+        assert len(results) == 20
+        assert all(r["seqscan"] == "on" and r["hashjoin"] == "on" for r in results), results
     finally:
         storage.dispose()
