@@ -140,6 +140,12 @@ def combine_runs(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
     # The counts of every run, so that a median can never hide an event lost in one of them.
     combined["counts_per_run"] = [{k: r[k] for k in _COUNTS} for r in runs]
     combined["spread"] = {k: [min(r[k] for r in runs), max(r[k] for r in runs)] for k in RATIOS}
+    # The lower of the two reported baselines, not the median of each run's lower one: when the
+    # two baselines swap places between runs, those differ, and the table would show a lower
+    # baseline that is neither of the baselines beside it. (The ratio stays per run, above.)
+    combined["lower_baseline"] = min(
+        combined["raw_broker"]["rate"], combined["raw_db"]["insert_then_drain_rate"]
+    )
     return combined
 
 
