@@ -72,6 +72,13 @@ class StorageBase:
             self._run,
             max_flushes=self.parallel_flushes,
         )
+        # Completions of concurrent optimistic publishes (and relay rounds) likewise share
+        # transactions: a saga's step publishes a key or two, and alone each costs a commit.
+        self._completions: Coalescer[Any] = Coalescer(
+            f"outbox_completions_{id(self)}",
+            functools.partial(self._guarded, self._complete_batch),
+            self._run,
+        )
         self._max_threads = max_threads
         # One limiter per event loop: the same storage may serve several loops in turn (a sync
         # facade's loop thread, then an anyio.run of a script), and limiters are loop-bound.
@@ -167,6 +174,10 @@ class StorageBase:
     # --- plumbing --------------------------------------------------------------------------
     def _write_batch(self, batch: list[Pending[Any]]) -> None:
         """Apply a batch of queued writes in one transaction (the saga repository's)."""
+        raise NotImplementedError
+
+    def _complete_batch(self, batch: list[Pending[Any]]) -> None:
+        """Record queued publish results in shared transactions (the outbox repository's)."""
         raise NotImplementedError
 
     def _notify_outbox(self, conn: Connection) -> None:

@@ -135,29 +135,37 @@ class OutboxAppender(StorageBase):
         now: float,
         claim_keys: Collection[str],
     ) -> list[ClaimedKey]:
-        """Claim each key whose first new row is its next event and which nobody holds."""
+        """Claim each key whose first new row is its next event and which nobody holds.
+
+        One token for every key claimed here: a claim is its (key, token) pair, and the keys of
+        one transaction are claimed by one statement per number of new events per key.
+        """
         by_key: dict[str, list[tuple[Mapping[str, Any], dict[str, str]]]] = {}
         for row, hdrs in zip(rows, headers, strict=True):
             if row["b_key"] in claim_keys:
                 by_key.setdefault(row["b_key"], []).append((row, hdrs))
-        claims = []
+        by_count: dict[int, list[str]] = {}
         for key, key_rows in by_key.items():
-            # One token per key: the publisher follows a claim by its token.
-            token = uuid.uuid4().hex
-            claimed = conn.execute(
-                self.sql.claim_next,
-                {
-                    "b_key": key,
-                    "b_seq": key_rows[0][0]["b_seq"],
-                    "b_token": token,
-                    "b_claim_seconds": self.optimistic_claim_seconds,
-                },
+            by_count.setdefault(len(key_rows), []).append(key)
+        token = uuid.uuid4().hex
+        claimed: list[str] = []
+        for n, keys in by_count.items():
+            params = {
+                "b_keys": keys,
+                "b_n": n,
+                "b_token": token,
+                "b_claim_seconds": self.optimistic_claim_seconds,
+            }
+            # The keys not claimed are the relay's, to send after what precedes them.
+            claimed.extend(conn.execute(self.sql.claim_new_keys, params).scalars())
+        return [
+            ClaimedKey(
+                key,
+                token,
+                tuple(_new_record(r, h, row_ids[r["b_event_id"]], now) for r, h in by_key[key]),
             )
-            if claimed.rowcount != 1:
-                continue  # the relay will send them, after what precedes them
-            records = tuple(_new_record(r, h, row_ids[r["b_event_id"]], now) for r, h in key_rows)
-            claims.append(ClaimedKey(key, token, records))
-        return claims
+            for key in claimed
+        ]
 
 
 def _check_transaction(conn: Connection, what: str) -> None:

@@ -15,6 +15,7 @@ from saga_core._json import loads
 from saga_core._stored_headers import StoredHeaders
 from saga_core.records import ClaimedKey, OutboxRecord, OutboxStats
 from saga_core.states import OutboxStatus
+from saga_storage.coalesce import Pending
 from saga_storage.outbox_append import OutboxAppender
 
 T = TypeVar("T")
@@ -58,9 +59,7 @@ class OutboxRepository(OutboxAppender):
                 {"b_keys": keys, "b_token": token, "b_claim_seconds": claim_seconds},
             )
             rows = self._fetch_all(
-                conn,
-                self.sql.claimed_events,
-                {"b_keys": keys, "b_token": token, "b_per_key": max_events},
+                conn, self.sql.claimed_events, {"b_keys": keys, "b_per_key": max_events}
             )
         by_key: dict[str, list[OutboxRecord]] = {k: [] for k in keys}
         for row in rows:
@@ -101,7 +100,41 @@ class OutboxRepository(OutboxAppender):
         right now (or whose claim was taken over) is completed afterwards in its own
         transaction, exactly as ``complete_outbox`` does.
         """
-        return await self._run(self._complete_many, results, retry_in, dead_after, follow)
+        if not results:
+            return []
+        if not self.coalesce:
+            return await self._run(self._complete_many, results, retry_in, dead_after, follow)
+        follows: list[ClaimedKey] = await self._completions.submit(
+            results, retry_in, dead_after, follow
+        )
+        return follows
+
+    def _complete_batch(self, batch: list[Pending[Any]]) -> None:
+        """``_complete_many`` for the results of many concurrent callers: one transaction for
+        all (per set of options), each caller given back the follow-ups of its own claims."""
+        groups: dict[tuple[float, int, int], list[Pending[Any]]] = {}
+        for item in batch:
+            groups.setdefault(item.args[1:], []).append(item)
+        for (retry_in, dead_after, follow), items in groups.items():
+            owner: dict[tuple[str, str], list[ClaimedKey]] = {}
+            results: list[_Result] = []
+            for item in items:
+                mine: list[ClaimedKey] = []
+                item.result = mine
+                for result in item.args[0]:
+                    owner[result[0].key, result[0].token] = mine
+                    results.append(result)
+            try:
+                follows = self._complete_many(results, retry_in, dead_after, follow)
+            except Exception as exc:
+                for item in items:
+                    item.error = exc
+                    item.done = True
+                continue
+            for claim in follows:
+                owner[claim.key, claim.token].append(claim)
+            for item in items:
+                item.done = True
 
     def _complete_many(
         self,
@@ -130,47 +163,73 @@ class OutboxRepository(OutboxAppender):
         """Complete, in one transaction, the keys whose rows are free and still ours; returns
         the follow-up claims and the results left for a transaction of their own."""
         follows: list[ClaimedKey] = []
-        plain: list[tuple[ClaimedKey, int]] = []
+        done: list[tuple[ClaimedKey, int]] = []
         later: list[_Result] = []
         with self._write() as conn:
             held = self._lock_claimed(conn, [claim for claim, _, _ in results])
             for claim, sent, error in results:
-                if (claim.key, claim.token) not in held:
+                if held.get(claim.key) != claim.token:
                     later.append((claim, sent, error))
-                elif error is None and follow == 0 and claim.events:
-                    plain.append((claim, sent))
-                else:  # a refusal, a follow-up or nothing to send: rare, one key at a time
+                elif error is None and claim.events:  # every event sent: the usual case
+                    done.append((claim, sent))
+                else:  # a refusal or nothing to send: rare, one key at a time
                     more = self._complete_in(conn, claim, sent, error, retry_in, dead_after, follow)
                     if more is not None:
                         follows.append(more)
-            self._finish_plain(conn, plain)
+            if follow > 0:
+                follows.extend(self._advance_and_follow_keys(conn, done, follow))
+            else:
+                self._finish_keys(conn, done)
         return follows, later
 
-    def _lock_claimed(self, conn: Connection, claims: Sequence[ClaimedKey]) -> set[tuple[str, str]]:
-        """Lock the key rows of ``claims`` still carrying their token, never waiting for one a
-        writer holds (SKIP LOCKED); returns the (key, token) pairs locked."""
-        by_token: dict[str, list[str]] = {}
-        for claim in claims:
-            by_token.setdefault(claim.token, []).append(claim.key)
-        held: set[tuple[str, str]] = set()
-        for token, keys in by_token.items():  # a relay round has one token
-            rows = conn.execute(self.sql.lock_claimed, {"b_keys": keys, "b_token": token})
-            held.update((key, token) for key in rows.scalars())
-        return held
+    def _lock_claimed(self, conn: Connection, claims: Sequence[ClaimedKey]) -> dict[str, str]:
+        """Lock the key rows of ``claims``, never waiting for one a writer holds (SKIP LOCKED);
+        returns the claim token each locked row carries (``None`` for no claim)."""
+        keys = [claim.key for claim in claims]
+        return dict(conn.execute(self.sql.lock_keys, {"b_keys": keys}).all())
 
-    def _finish_plain(self, conn: Connection, plain: Sequence[tuple[ClaimedKey, int]]) -> None:
-        """Mark sent the events of keys whose events were all acknowledged, then advance and
-        release those keys: two set-based statements per claim token and number of events
-        sent (a relay round is usually one group). The key rows are locked and carry our
-        token, so no row count needs checking."""
-        groups: dict[tuple[str, int], list[str]] = {}
-        for claim, sent in plain:
-            groups.setdefault((claim.token, sent), []).append(claim.key)
+    def _mark_sent_keys(
+        self, conn: Connection, done: Sequence[tuple[ClaimedKey, int]]
+    ) -> dict[int, list[str]]:
+        """Mark sent the acknowledged events of locked keys, by one statement per number of
+        events sent (a relay round or a saga's step usually has one); returns those groups."""
+        groups: dict[int, list[str]] = {}
+        for claim, sent in done:
+            groups.setdefault(sent, []).append(claim.key)
         now = time.time()
-        for (token, sent), keys in groups.items():
-            params = {"b_keys": keys, "b_token": token, "b_sent": sent}
-            conn.execute(self.sql.mark_sent_keys, {**params, "b_ts": now})
-            conn.execute(self.sql.finish_keys, params)
+        for sent, keys in groups.items():
+            conn.execute(self.sql.mark_sent_keys, {"b_keys": keys, "b_sent": sent, "b_ts": now})
+        return groups
+
+    def _finish_keys(self, conn: Connection, done: Sequence[tuple[ClaimedKey, int]]) -> None:
+        """Mark sent the events of locked keys whose events were all acknowledged, then advance
+        and release those keys: set-based, no row count to check (the rows are ours)."""
+        for sent, keys in self._mark_sent_keys(conn, done).items():
+            conn.execute(self.sql.finish_keys, {"b_keys": keys, "b_sent": sent})
+
+    def _advance_and_follow_keys(
+        self, conn: Connection, done: Sequence[tuple[ClaimedKey, int]], follow: int
+    ) -> list[ClaimedKey]:
+        """As ``_finish_keys``, but keep each key claimed when more of its events were committed
+        meanwhile: those (up to ``follow`` per key) are returned as its follow-up claim."""
+        if not done:
+            return []
+        for sent, keys in self._mark_sent_keys(conn, done).items():
+            conn.execute(
+                self.sql.advance_keys,
+                {"b_keys": keys, "b_sent": sent, "b_claim_seconds": self.optimistic_claim_seconds},
+            )
+        keys = [claim.key for claim, _ in done]
+        rows = self._fetch_all(conn, self.sql.claimed_events, {"b_keys": keys, "b_per_key": follow})
+        more: dict[str, list[OutboxRecord]] = {}
+        for row in rows:
+            record = _claimed(row)
+            more.setdefault(record.key, []).append(record)
+        idle = [key for key in keys if key not in more]
+        if idle:
+            conn.execute(self.sql.unclaim_keys, {"b_keys": idle})
+        tokens = {claim.key: claim.token for claim, _ in done}
+        return [ClaimedKey(key, tokens[key], tuple(evs)) for key, evs in more.items()]
 
     def _complete_outbox(
         self,
@@ -256,8 +315,7 @@ class OutboxRepository(OutboxAppender):
             },
         )
         rows = conn.execute(
-            self.sql.claimed_events,
-            {"b_keys": [claim.key], "b_token": claim.token, "b_per_key": follow},
+            self.sql.claimed_events, {"b_keys": [claim.key], "b_per_key": follow}
         ).all()
         if not rows:
             conn.execute(self.sql.unclaim_key, {"b_key": claim.key, "b_token": claim.token})

@@ -267,18 +267,22 @@ class Statements:
         )
         self.insert_events_ids = self.insert_events.returning(outbox.c.event_id, outbox.c.id)
         self.event_exists = select(outbox.c.id).where(outbox.c.event_id == b("event_id"))
-        # Optimistic publish: in the writer's transaction (which holds the key row since the
-        # sequence upsert), claim the key if nobody has it and this event is its next one.
-        self.claim_next = (
+        # Optimistic publish: in the writer's transaction (which holds the key rows since the
+        # sequence upsert), claim each key that nobody holds and whose next event is the first
+        # of this transaction's ``n`` events of it: ``last_seq`` already counts them, so that
+        # is ``sent_seq = last_seq - n``. One statement for every key appended with ``n`` events
+        # (a saga step appends one per key), instead of one per key.
+        self.claim_new_keys = (
             update(okey)
             .where(
-                okey.c.key == b("key"),
-                okey.c.sent_seq == b("seq") - 1,
+                in_list(okey.c.key, "b_keys"),
+                okey.c.sent_seq == okey.c.last_seq - b("n"),
                 okey.c.blocked == false(),
                 or_(okey.c.claim_token.is_(None), okey.c.claimed_until < now),
                 or_(okey.c.next_attempt_at.is_(None), okey.c.next_attempt_at <= now),
             )
             .values(claim_token=b("token"), claimed_until=now + b("claim_seconds"))
+            .returning(okey.c.key)
         )
         self.claim_alive = select(okey.c.key).where(
             okey.c.key == b("key"), okey.c.claim_token == b("token")
@@ -301,9 +305,8 @@ class Statements:
             .values(claim_token=b("token"), claimed_until=now + b("claim_seconds"))
         )
         # The columns of an ``OutboxRecord``, in its field order: a claimed row becomes a record
-        # by position (the relay builds one per event). Not saga_id or sent_at. The claimed keys
-        # are named, not only their token (which no index has): the lookup then costs what was
-        # claimed, not a scan of every key or event ever stored.
+        # by position (the relay builds one per event). Not saga_id or sent_at. Its callers
+        # hold the key rows (locked and found carrying their claim), so keys are enough.
         self.claimed_events = (
             select(
                 outbox.c.id,
@@ -322,7 +325,6 @@ class Statements:
             .join(okey, okey.c.key == outbox.c.key)
             .where(
                 in_list(okey.c.key, "b_keys"),
-                okey.c.claim_token == b("token"),
                 outbox.c.seq > okey.c.sent_seq,
                 outbox.c.seq <= okey.c.sent_seq + b("per_key"),
             )
@@ -338,24 +340,24 @@ class Statements:
                 next_attempt_at=now + b("retry_in"),
             )
         )
-        # Completing a relay round in one transaction: lock the round's key rows that still
-        # carry its claim token, skipping (SKIP LOCKED) those a writer holds. The relay then
-        # never waits for a lock while it holds others, so it cannot deadlock with a writer
-        # that appends to several keys; the skipped keys are completed one by one afterwards.
-        claimed_keys = and_(
-            in_list(okey.c.key, "b_keys"),
-            okey.c.claim_token == b("token"),
-        )
-        self.lock_claimed = lock_claim(select(okey.c.key).where(claimed_keys))
-        # Then, set-based (a statement for many keys rather than one per key): mark sent the
-        # ``sent`` events of each key that follow its ``sent_seq``, then advance and release
-        # the keys. Both are relative to ``sent_seq``: nobody but the claim's holder moves it
-        # while the key is claimed, so it is still where the claim started.
+        # Completing publishes in one transaction (a relay round, or many optimistic publishes
+        # at once): lock the key rows, skipping (SKIP LOCKED) those a writer holds, and read
+        # whose claim each carries. The completer then never waits for a lock while it holds
+        # others, so it cannot deadlock with a writer that appends to several keys; a key
+        # skipped, or claimed by someone else now, is completed on its own afterwards.
+        in_keys = in_list(okey.c.key, "b_keys")
+        self.lock_keys = lock_claim(select(okey.c.key, okey.c.claim_token).where(in_keys))
+        # Then, set-based (a statement for many keys rather than one per key), on keys locked
+        # above and found carrying the completer's claims: mark sent the ``sent`` events of
+        # each key that follow its ``sent_seq``, then advance the keys and release them (or
+        # keep them, for the optimistic publisher to follow up with what was committed since).
+        # Relative to ``sent_seq``: nobody but the claim's holder moves it while the key is
+        # claimed, so it is still where the claim started.
         self.mark_sent_keys = (
             update(outbox)
             .where(
                 outbox.c.key == okey.c.key,
-                claimed_keys,
+                in_keys,
                 outbox.c.seq > okey.c.sent_seq,
                 outbox.c.seq <= okey.c.sent_seq + b("sent"),
             )
@@ -363,7 +365,7 @@ class Statements:
         )
         self.finish_keys = (
             update(okey)
-            .where(claimed_keys)
+            .where(in_keys)
             .values(
                 sent_seq=okey.c.sent_seq + b("sent"),
                 claim_token=None,
@@ -371,7 +373,16 @@ class Statements:
                 next_attempt_at=now,
             )
         )
-        # The optimistic publisher keeps its claim while more events of the key are committed.
+        self.advance_keys = (
+            update(okey)
+            .where(in_keys)
+            .values(
+                sent_seq=okey.c.sent_seq + b("sent"),
+                claimed_until=now + b("claim_seconds"),
+            )
+        )
+        self.unclaim_keys = update(okey).where(in_keys).values(claim_token=None, claimed_until=None)
+        # One key at a time, checking the claim: what was left out of the set-based path.
         self.advance_claimed = (
             update(okey)
             .where(okey.c.key == b("key"), okey.c.claim_token == b("token"))

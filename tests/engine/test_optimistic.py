@@ -7,10 +7,11 @@ import uuid
 
 import anyio
 import pytest
-from sqlalchemy import select
+from sqlalchemy import event, select
 
 from saga_brokers import InMemoryBroker
 from saga_core import OptimisticPublisher, OutboxEvent, OutboxWorker, SagaOrchestrator
+from saga_core.records import ClaimedKey
 from saga_storage import SqlStorage
 from tests.engine.sagas import OrderSaga
 
@@ -88,3 +89,72 @@ async def test_unpublished_claim_expires_and_the_relay_sends(storage: SqlStorage
     assert await OutboxWorker(storage, broker).drain() == 0
     await anyio.sleep(0.3)
     assert await OutboxWorker(storage, broker).drain() == 1
+
+
+async def test_one_transaction_claims_every_free_key_whose_next_event_it_holds(
+    storage: SqlStorage,
+) -> None:
+    broker = InMemoryBroker()
+    publisher = OptimisticPublisher(storage, broker)
+    with storage.engine.begin() as conn:  # key "c" gets an event nobody publishes yet
+        storage.append_outbox(_event("c", 0), conn=conn)
+    with storage.engine.begin() as conn:
+        events = [_event("a", 1), _event("b", 1), _event("a", 2), _event("c", 1)]
+        claims = storage.append_outbox_many(events, conn=conn, claim=True)
+    # "a" with both its events and "b" are claimed, under one token; "c" is not (its event 0
+    # goes first, by the relay).
+    assert sorted((c.key, [e.seq for e in c.events]) for c in claims) == [
+        ("a", [1, 2]),
+        ("b", [1]),
+    ]
+    assert len({c.token for c in claims}) == 1
+    assert await publisher.publish(claims) == 3
+    assert await OutboxWorker(storage, broker).drain() == 2  # "c": 0, then 1
+    sent = [(m.key, json.loads(m.value)["n"]) for m in broker.messages()]
+    for key in "abc":
+        got = [n for k, n in sent if k == key]
+        assert got == sorted(got) and len(got) == (1 if key == "b" else 2), sent
+
+
+async def test_concurrent_completions_share_transactions_and_get_their_own_follow_ups(
+    storage: SqlStorage,
+) -> None:
+    n = 20
+    keys = [f"f{i:02d}" for i in range(n)]
+    with storage.engine.begin() as conn:
+        claims = storage.append_outbox_many([_event(k, 1) for k in keys], conn=conn, claim=True)
+    assert sorted(c.key for c in claims) == keys
+    with storage.engine.begin() as conn:  # committed while the claims are held: follow-ups
+        storage.append_outbox_many([_event(k, 2) for k in keys[::2]], conn=conn)
+    commits: list[int] = []
+
+    def on_commit(conn: object) -> None:
+        commits.append(1)
+
+    event.listen(storage.engine, "commit", on_commit)
+    got: dict[str, list[ClaimedKey]] = {}
+
+    async def complete(claim: ClaimedKey) -> None:
+        got[claim.key] = await storage.complete_outbox_many(
+            [(claim, 1, None)], retry_in=0.0, dead_after=3, follow=10
+        )
+
+    async with anyio.create_task_group() as tg:
+        for claim in claims:
+            tg.start_soon(complete, claim)
+    event.remove(storage.engine, "commit", on_commit)
+    assert len(commits) < n, "each completion took a transaction of its own"
+    for key in keys:
+        follow = got[key]
+        if key in keys[::2]:  # its own next event, under its own claim
+            assert [(c.key, [e.seq for e in c.events]) for c in follow] == [(key, [2])]
+        else:
+            assert follow == []
+    with storage.engine.connect() as conn:
+        okey = storage.tables.outbox_key
+        rows = conn.execute(select(okey.c.key, okey.c.sent_seq, okey.c.claim_token)).all()
+    token = claims[0].token
+    for key, sent_seq, claim_token in rows:
+        # Sent and released, or sent and still held for its follow-up.
+        assert sent_seq == 1
+        assert claim_token == (token if key in keys[::2] else None), key
