@@ -158,3 +158,19 @@ async def test_concurrent_completions_share_transactions_and_get_their_own_follo
         # Sent and released, or sent and still held for its follow-up.
         assert sent_seq == 1
         assert claim_token == (token if key in keys[::2] else None), key
+
+
+async def test_concurrent_sagas_publish_each_event_once_in_step_order(storage: SqlStorage) -> None:
+    broker = InMemoryBroker()
+    orch = SagaOrchestrator(storage, broker)
+    ids = [f"many-{uuid.uuid4().hex[:8]}" for _ in range(40)]
+    async with anyio.create_task_group() as tg:
+        for sid in ids:
+            tg.start_soon(lambda sid=sid: orch.execute(OrderSaga(), {"amount": 1}, saga_id=sid))
+    steps = ["create_order_completed", "charge_payment_completed", "ship_completed"]
+    by_key: dict[str, list[str]] = {}
+    for m in broker.messages():
+        by_key.setdefault(m.key, []).append(m.headers["event_type"])
+    assert by_key == {sid: steps for sid in ids}  # once each, in order, nothing else
+    assert _statuses(storage) == ["SENT"] * 3 * len(ids)
+    assert await OutboxWorker(storage, broker).drain() == 0
