@@ -113,6 +113,10 @@ class StorageBase:
         a large result faster than SQLAlchemy's rows."""
         return conn.execute(stmt, params).all()
 
+    def _plan_by_key(self, conn: Connection) -> None:
+        """Have the rest of ``conn``'s transaction read rows by key, not scan whole tables
+        (where a planner may misjudge a batch of keys against a table it has not analyzed)."""
+
     def _in_list(self, column: Any, name: str) -> ColumnElement[bool]:
         """``column`` is one of the values of the list bound as ``name``."""
         return cast("ColumnElement[bool]", column.in_(bindparam(name, expanding=True)))

@@ -51,6 +51,7 @@ class OutboxRepository(OutboxAppender):
     ) -> list[ClaimedKey]:
         token = uuid.uuid4().hex
         with self._write() as conn:
+            self._plan_by_key(conn)
             keys = list(conn.execute(self.sql.claimable_keys, {"b_limit": max_keys}).scalars())
             if not keys:
                 return []
@@ -166,6 +167,7 @@ class OutboxRepository(OutboxAppender):
         done: list[tuple[ClaimedKey, int]] = []
         later: list[_Result] = []
         with self._write() as conn:
+            self._plan_by_key(conn)
             held = self._lock_claimed(conn, [claim for claim, _, _ in results])
             for claim, sent, error in results:
                 if held.get(claim.key) != claim.token:

@@ -710,6 +710,63 @@ async def test_a_write_batch_reads_rows_by_key_on_a_table_never_analyzed(pg_url:
         storage.dispose()
 
 
+async def test_relay_claims_and_publish_completions_read_rows_by_key_on_tables_never_analyzed(
+    pg_url: str,
+) -> None:
+    """Completing the publishes of a few hundred keys (marking their events sent, reading what
+    follows) joined them to the whole outbox by hash on tables the planner has no statistics
+    for: 8 ms instead of 1 for 250 keys among 60,000 events, growing with the table. The
+    relay's claims and every completion must be planned as index lookups."""
+    import psycopg
+
+    storage = create_storage(pg_url)
+    try:
+        events = [
+            OutboxEvent(aggregate_type="acct", aggregate_id=f"{i:05d}", event_type="t", payload={})
+            for i in range(6000)
+        ]
+        with storage.engine.begin() as conn:
+            storage.append_outbox_many(events[:5700], conn=conn)
+        with storage.engine.begin() as conn:
+            claims = storage.append_outbox_many(events[5700:], conn=conn, claim=True)
+        with storage.engine.begin() as conn:  # committed while claimed: follow-ups
+            more = [
+                OutboxEvent(aggregate_type="acct", aggregate_id=f"{i:05d}", event_type="t2")
+                for i in range(5700, 5750)
+            ]
+            storage.append_outbox_many(more, conn=conn)
+        assert len(claims) == 300
+        plans: list[str] = []
+        original = psycopg.Cursor.execute
+
+        def explained(self: Any, query: Any, params: Any = None, **kw: Any) -> Any:
+            text_ = str(query).lstrip()
+            if text_.startswith(("UPDATE", "SELECT")) and "saga_outbox" in text_ and params:
+                original(self, f"EXPLAIN {query}", params)
+                plans.append("\n".join(row[0] for row in self.fetchall()))
+            return original(self, query, params, **kw)
+
+        psycopg.Cursor.execute = explained  # type: ignore[method-assign]
+        try:
+            follows = await storage.complete_outbox_many(
+                [(c, 1, None) for c in claims], retry_in=0.0, dead_after=3, follow=10
+            )
+            completed = len(plans)
+            rounds = await storage.claim_outbox("t", max_keys=300, max_events=10, claim_seconds=30)
+            await storage.complete_outbox_many(
+                [(c, len(c.events), None) for c in rounds], retry_in=0.0, dead_after=3
+            )
+        finally:
+            psycopg.Cursor.execute = original  # type: ignore[method-assign]
+        assert len(follows) == 50 and len(rounds) == 300
+        assert completed >= 5 and len(plans) >= completed + 5  # every statement was read
+        for plan in plans:
+            assert "Seq Scan" not in plan and "Hash Join" not in plan and "Merge" not in plan, plan
+            assert "Index" in plan, plan
+    finally:
+        storage.dispose()
+
+
 async def test_a_transactional_steps_own_sql_runs_under_the_default_planner_settings(
     pg_url: str,
 ) -> None:
