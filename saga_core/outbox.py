@@ -19,6 +19,7 @@ from typing import Any
 
 import anyio
 
+from saga_core._publish_batches import PublishBatches
 from saga_core.errors import BrokerUnavailable, ErrorRecord, StorageError
 from saga_core.events import Message, OutboxEvent
 from saga_core.ports import Broker, OutboxStore
@@ -305,9 +306,25 @@ async def publish_claims(
     while more of its events are committed, and those are published too. Returns how many
     events were acknowledged.
     """
-    total = 0
+    outcomes = await _publish_outcomes(
+        storage, broker, claims, retry_backoff=retry_backoff, dead_after=dead_after, follow=follow
+    )
+    return sum(sent for _, sent, _ in outcomes)
+
+
+async def _publish_outcomes(
+    storage: OutboxStore,
+    broker: Broker,
+    claims: Sequence[ClaimedKey],
+    *,
+    retry_backoff: float,
+    dead_after: int,
+    follow: int = 0,
+) -> list[_Outcome]:
+    """``publish_claims``, returning the outcome of every claim published, follow-ups too."""
+    outcomes: list[_Outcome] = []
     while claims:
-        sent, claims = await _publish_round(
+        done, claims = await _publish_round(
             storage,
             broker,
             claims,
@@ -315,8 +332,8 @@ async def publish_claims(
             dead_after=dead_after,
             follow=follow,
         )
-        total += sent
-    return total
+        outcomes.extend(done)
+    return outcomes
 
 
 async def _publish_round(
@@ -327,7 +344,7 @@ async def _publish_round(
     retry_backoff: float,
     dead_after: int,
     follow: int,
-) -> tuple[int, list[ClaimedKey]]:
+) -> tuple[list[_Outcome], list[ClaimedKey]]:
     try:
         results = await broker.publish(_messages(claims))
     except BrokerUnavailable:
@@ -339,7 +356,7 @@ async def _publish_round(
     following = await storage.complete_outbox_many(
         outcomes, retry_in=retry_backoff, dead_after=dead_after, follow=follow
     )
-    return sum(sent for _, sent, _ in outcomes), following
+    return outcomes, following
 
 
 def _messages(claims: Sequence[ClaimedKey]) -> list[Message]:
@@ -390,6 +407,8 @@ class OptimisticPublisher:
         self.max_attempts = max_attempts
         #: Events acknowledged through the optimistic path.
         self.published = 0
+        # Concurrent publishes (thousands of sagas' steps) share broker calls and completions.
+        self._batches = PublishBatches(f"optimistic_publishes_{id(self)}", self._publish_all)
 
     def append_outbox(self, event: OutboxEvent, *, conn: Any) -> ClaimedKey | None:
         """``storage.append_outbox`` that also claims the key when the event may go at once."""
@@ -410,21 +429,24 @@ class OptimisticPublisher:
                 live = await self.storage.committed_claims(live)
                 if not live:
                     return 0
-            # Keep the key while the writer commits more of its events (a saga's next step),
-            # so they go out at once too instead of waiting for the relay's next poll.
-            sent = await publish_claims(
-                self.storage,
-                self.broker,
-                live,
-                retry_backoff=self.retry_backoff,
-                dead_after=self.max_attempts,
-                follow=100,
-            )
+            sent = await self._batches.submit(live)
         except Exception as exc:
             log.warning("optimistic publish failed (%s); the relay will send it", exc)
             return 0
         self.published += sent
         return sent
+
+    async def _publish_all(self, claims: list[ClaimedKey]) -> list[_Outcome]:
+        # Keep each key while its writer commits more of its events (a saga's next step), so
+        # they go out at once too instead of waiting for the relay's next poll.
+        return await _publish_outcomes(
+            self.storage,
+            self.broker,
+            claims,
+            retry_backoff=self.retry_backoff,
+            dead_after=self.max_attempts,
+            follow=100,
+        )
 
 
 def _acked_prefix(results: Sequence[BaseException | None]) -> tuple[int, str | None]:
