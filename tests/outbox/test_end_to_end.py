@@ -10,6 +10,7 @@ alone (no relay runs).
 
 from __future__ import annotations
 
+
 import json
 import uuid
 from collections.abc import Callable
@@ -208,6 +209,7 @@ async def test_saga_events_reach_a_real_broker_through_the_optimistic_path(
     collector = Collector()
     runner = ConsumerRunner(broker, [topic], group, collector.handle, poll_timeout=0.2)
     ok, rejected = f"ok-{uuid.uuid4().hex[:8]}", f"rej-{uuid.uuid4().hex[:8]}"
+    many = [f"many-{i}-{uuid.uuid4().hex[:8]}" for i in range(20)]
     try:
         async with anyio.create_task_group() as tg:
             await tg.start(runner.run)
@@ -219,8 +221,14 @@ async def test_saga_events_reach_a_real_broker_through_the_optimistic_path(
                 await orchestrator.execute(
                     saga, {"qty": 1, "amount": 5, "no_courier": True}, saga_id=rejected
                 )
+            # Many at once: their publishes share broker calls (saga_core._publish_batches).
+            async with anyio.create_task_group() as many_tg:
+                for sid in many:
+                    many_tg.start_soon(
+                        partial(orchestrator.execute, saga, {"qty": 1, "amount": 1}, saga_id=sid)
+                    )
             rows = outbox_rows(storage)
-            assert len(rows) == 7
+            assert len(rows) == 7 + 3 * len(many)
             await collector.wait_for(
                 [r.event_id for r in rows], 60, f"saga events on {shared_target.kind}"
             )
@@ -237,7 +245,7 @@ async def test_saga_events_reach_a_real_broker_through_the_optimistic_path(
             await broker.aclose()
         storage.dispose()
 
-    by_saga: dict[str, list[str]] = {ok: [], rejected: []}
+    by_saga: dict[str, list[str]] = {key: [] for key in (ok, rejected, *many)}
     for m in collector.messages:
         assert m.topic == topic
         assert m.headers["saga_id"] == m.key, m
@@ -259,5 +267,11 @@ async def test_saga_events_reach_a_real_broker_through_the_optimistic_path(
         "charge_compensated",
         "reserve_compensated",
     ]
+    for sid in many:
+        assert [types[e] for e in by_saga[sid]] == [
+            "reserve_completed",
+            "charge_completed",
+            "ship_completed",
+        ]
     # Keyed by saga id, in the sequence the outbox gave them.
-    assert by_saga == {key: [r.event_id for r in rows if r.key == key] for key in (ok, rejected)}
+    assert by_saga == {key: [r.event_id for r in rows if r.key == key] for key in by_saga}
