@@ -10,7 +10,6 @@ alone (no relay runs).
 
 from __future__ import annotations
 
-
 import json
 import uuid
 from collections.abc import Callable
