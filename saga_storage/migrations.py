@@ -9,6 +9,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from sqlalchemy import Connection, select
 
@@ -29,9 +30,38 @@ def _initial(conn: Connection, tables: Tables) -> None:
         conn,
         tables=[tables.sagas, tables.steps, tables.outbox, tables.outbox_key, tables.inbox],
     )
+    # Frozen: the outbox indexes version 1 had, which the declared schema no longer has.
+    outbox, prefix = _qualified(conn, tables.outbox), _prefix(tables)
+    conn.exec_driver_sql(
+        f"CREATE INDEX {prefix}outbox_pending_idx ON {outbox} (key, seq) WHERE status <> 'SENT'"
+    )
+    conn.exec_driver_sql(f"CREATE INDEX {prefix}outbox_sent_idx ON {outbox} (sent_at)")
 
 
-MIGRATIONS: tuple[Migration, ...] = (Migration(1, "initial tables", _initial),)
+def _sent_in_place(conn: Connection, tables: Tables) -> None:
+    """Sending an event updates no index: the pending and sent-at indexes go (the relay finds
+    unsent events through the key table; pruning walks ids), and on PostgreSQL each page of the
+    outbox keeps room for the update (fillfactor 70: pages written from now on)."""
+    prefix, schema = _prefix(tables), tables.outbox.schema
+    for name in ("outbox_pending_idx", "outbox_sent_idx"):
+        index = f"{schema}.{prefix}{name}" if schema else f"{prefix}{name}"
+        conn.exec_driver_sql(f"DROP INDEX IF EXISTS {index}")
+    if conn.dialect.name == "postgresql":
+        conn.exec_driver_sql(f"ALTER TABLE {_qualified(conn, tables.outbox)} SET (fillfactor = 70)")
+
+
+def _prefix(tables: Tables) -> str:
+    return tables.outbox.name[: -len("outbox")]
+
+
+def _qualified(conn: Connection, table: Any) -> str:
+    return conn.dialect.identifier_preparer.format_table(table)
+
+
+MIGRATIONS: tuple[Migration, ...] = (
+    Migration(1, "initial tables", _initial),
+    Migration(2, "outbox rows sent in place", _sent_in_place),
+)
 
 
 def applied_versions(conn: Connection, tables: Tables) -> set[int]:

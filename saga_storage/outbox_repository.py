@@ -416,25 +416,32 @@ class OutboxRepository(OutboxAppender):
         return _record(row)
 
     async def prune_outbox(self, older_than: float, *, batch: int = 1000) -> int:
-        """Delete events sent more than ``older_than`` seconds ago, ``batch`` rows per
-        transaction; returns how many. Key counters are kept, so order survives pruning."""
+        """Delete events sent more than ``older_than`` seconds ago; returns how many.
+
+        The outbox is walked in id order, ``batch`` rows per transaction, up to the first
+        events created after the cutoff. Key counters are kept, so order survives pruning."""
         return await self._run(self._prune_outbox, older_than, batch)
 
     def _prune_outbox(self, older_than: float, batch: int) -> int:
         total = 0
         before = time.time() - older_than
+        after = -1
         while True:
             with self._write() as conn:
-                ids = list(
-                    conn.execute(
-                        self.sql.prunable, {"b_before": before, "b_limit": batch}
-                    ).scalars()
-                )
+                window = conn.execute(
+                    self.sql.prune_window, {"b_after": after, "b_limit": batch}
+                ).all()
+                ids = [
+                    id_
+                    for id_, status, sent_at, _ in window
+                    if status == "SENT" and sent_at is not None and sent_at < before
+                ]
                 if ids:
                     conn.execute(self.sql.delete_events, {"b_ids": ids})
             total += len(ids)
-            if len(ids) < batch:
+            if len(window) < batch or window[-1][3] >= before:
                 return total
+            after = window[-1][0]
 
     # --- inbox -------------------------------------------------------------------------------
     async def inbox_once(

@@ -411,17 +411,34 @@ class Statements:
 
         # --- outbox: operations ----------------------------------------------------------------
         self.count_by_status = select(outbox.c.status, func.count()).group_by(outbox.c.status)
-        self.oldest_pending = select(func.min(outbox.c.created_at)).where(
-            outbox.c.status == "PENDING"
+        # Unsent events are found through their keys (the key table's partial index of keys
+        # with unsent events): a key's events after its sent_seq are exactly its unsent ones,
+        # and a dead event is the next one of a blocked key. The outbox itself has no index
+        # on its status (sending is an update that touches no index: migration 2).
+        unsent_keys = okey.c.sent_seq < okey.c.last_seq
+        self.oldest_pending = (
+            select(func.min(outbox.c.created_at))
+            .select_from(okey)
+            .join(outbox, and_(outbox.c.key == okey.c.key, outbox.c.seq > okey.c.sent_seq))
+            .where(unsent_keys, outbox.c.status == "PENDING")
         )
+        at_dead_event = and_(outbox.c.key == okey.c.key, outbox.c.seq == okey.c.sent_seq + 1)
         self.count_blocked = select(func.count()).select_from(okey).where(okey.c.blocked == true())
         self.count_claimed = (
             select(func.count()).select_from(okey).where(okey.c.claimed_until > now)
         )
         self.list_dead = (
-            select(outbox).where(outbox.c.status == "DEAD").order_by(outbox.c.id).limit(b("limit"))
+            select(outbox)
+            .join(okey, at_dead_event)
+            .where(unsent_keys, okey.c.blocked == true(), outbox.c.status == "DEAD")
+            .order_by(outbox.c.id)
+            .limit(b("limit"))
         )
-        self.dead_of_key = select(outbox).where(outbox.c.key == b("key"), outbox.c.status == "DEAD")
+        self.dead_of_key = (
+            select(outbox)
+            .join(okey, at_dead_event)
+            .where(okey.c.key == b("key"), outbox.c.status == "DEAD")
+        )
         self.dead_by_event = select(outbox).where(
             outbox.c.event_id == b("event_id"), outbox.c.status == "DEAD"
         )
@@ -447,10 +464,13 @@ class Statements:
             .where(okey.c.key == b("key"), okey.c.sent_seq == b("seq") - 1)
             .values(sent_seq=b("seq"), blocked=False, next_attempt_at=None)
         )
-        # Pruning in batches: a bounded delete never holds locks for long.
-        self.prunable = (
-            select(outbox.c.id)
-            .where(outbox.c.status == "SENT", outbox.c.sent_at < b("before"))
+        # Pruning walks the outbox in id order, a window at a time (a bounded delete never
+        # holds locks for long), and stops at events created after the cutoff: an event is
+        # sent after it is created, so none after them can be old enough.
+        self.prune_window = (
+            select(outbox.c.id, outbox.c.status, outbox.c.sent_at, outbox.c.created_at)
+            .where(outbox.c.id > b("after"))
+            .order_by(outbox.c.id)
             .limit(b("limit"))
         )
         self.delete_events = outbox.delete().where(in_list(outbox.c.id, "b_ids"))

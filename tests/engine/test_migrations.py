@@ -81,3 +81,37 @@ def test_table_prefix_separates_table_sets(storage_url: str) -> None:
     assert {"app_a_sagas", "app_b_sagas", "app_a_outbox", "app_b_schema_version"} <= names
     a.dispose()
     b.dispose()
+
+
+def test_a_version_1_outbox_upgrades_to_the_declared_schema(fresh_url: Callable[[], str]) -> None:
+    """Migration 2 drops the outbox's pending and sent-at indexes and, on PostgreSQL, leaves
+    room in each page (fillfactor 70): a database made by version 1 ends as a fresh one."""
+    from saga_storage.migrations import MIGRATIONS, apply_pending
+
+    upgraded_url, declared_url = fresh_url(), fresh_url()
+    engine = create_engine(upgraded_url)
+    tables = build_tables()
+    with engine.begin() as conn:
+        tables.metadata.create_all(conn, tables=[tables.version])
+        assert apply_pending(conn, tables, MIGRATIONS[0])
+    indexes = {i[0] for i in _describe(engine)["saga_outbox"]["indexes"]}
+    assert {"saga_outbox_pending_idx", "saga_outbox_sent_idx"} <= indexes
+    engine.dispose()
+    upgraded = create_storage(upgraded_url)  # applies what is left: migration 2
+    declared = create_engine(declared_url)
+    build_tables().metadata.create_all(declared)
+    try:
+        with upgraded.engine.connect() as conn:
+            versions = set(conn.execute(select(upgraded.tables.version.c.version)).scalars())
+        assert versions == {1, 2}
+        assert _describe(upgraded.engine) == _describe(declared)
+        if upgraded.engine.dialect.name == "postgresql":
+            for engine_ in (upgraded.engine, declared):
+                with engine_.connect() as conn:
+                    options = conn.exec_driver_sql(
+                        "SELECT reloptions FROM pg_class WHERE oid = 'saga_outbox'::regclass"
+                    ).scalar()
+                assert options == ["fillfactor=70"]
+    finally:
+        upgraded.dispose()
+        declared.dispose()

@@ -100,6 +100,57 @@ async def test_skip_is_the_way_past_a_dead_event(storage: SqlStorage) -> None:
         await storage.skip_event(dead.event_id, "again")
 
 
+@pytest.mark.parametrize("seed", range(4))
+async def test_dead_and_pending_events_found_through_their_keys_are_those_their_status_says(
+    storage: SqlStorage, seed: int
+) -> None:
+    """The operations' queries find unsent events through the key table (the outbox has no
+    index on status): after any mix of sends, partial sends, refusals, dead letters, replays
+    and skips they list exactly what a scan by status lists."""
+    import random
+
+    rng = random.Random(seed)
+    keys = [f"s{seed}k{i}" for i in range(6)]
+    for i in range(40):
+        _append(storage, rng.choice(keys), i)
+    for _ in range(8):
+        claims = await storage.claim_outbox("t", max_keys=3, max_events=4, claim_seconds=30)
+        results = []
+        for claim in claims:
+            sent = rng.randint(0, len(claim.events))
+            refused = sent < len(claim.events) and rng.random() < 0.7
+            results.append((claim, sent, "refused" if refused else None))
+        await storage.complete_outbox_many(results, retry_in=0.0, dead_after=1)
+        dead = await storage.dead_events()
+        if dead and rng.random() < 0.3:
+            await storage.replay_key(dead[0].key)
+        elif dead and rng.random() < 0.3:
+            await storage.skip_event(dead[-1].event_id, "ops")
+        if rng.random() < 0.3:
+            _append(storage, rng.choice(keys), 100)
+    outbox = storage.tables.outbox
+    with storage.engine.connect() as conn:
+        by_status = conn.execute(
+            select(outbox.c.event_id).where(outbox.c.status == "DEAD").order_by(outbox.c.id)
+        ).scalars()
+        oldest = conn.execute(
+            select(outbox.c.created_at)
+            .where(outbox.c.status == "PENDING")
+            .order_by(outbox.c.created_at)
+        ).first()
+        dead_ids = list(by_status)
+        assert conn.execute(storage.sql.oldest_pending).scalar() == (oldest and oldest[0])
+        for key in keys:
+            mine = conn.execute(
+                select(outbox.c.event_id).where(outbox.c.key == key, outbox.c.status == "DEAD")
+            ).scalars()
+            found = conn.execute(storage.sql.dead_of_key, {"b_key": key}).all()
+            assert [r.event_id for r in found] == list(mine)
+    assert [e.event_id for e in await storage.dead_events(limit=1000)] == dead_ids
+    stats = await storage.outbox_stats()
+    assert stats.dead == len(dead_ids)
+
+
 async def test_prune_deletes_old_sent_rows_in_batches_and_keeps_order(
     storage: SqlStorage,
 ) -> None:
@@ -108,7 +159,8 @@ async def test_prune_deletes_old_sent_rows_in_batches_and_keeps_order(
     broker = InMemoryBroker()
     assert await OutboxWorker(storage, broker).drain() == 25
     outbox = storage.tables.outbox
-    with storage.engine.begin() as conn:
+    with storage.engine.begin() as conn:  # made and sent an hour ago
+        conn.execute(update(outbox).values(created_at=time.time() - 3601))
         conn.execute(update(outbox).values(sent_at=time.time() - 3600))
     assert await storage.prune_outbox(older_than=60, batch=10) == 25
     assert await storage.prune_outbox(older_than=60, batch=10) == 0
