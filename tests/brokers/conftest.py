@@ -232,7 +232,11 @@ def server(request: pytest.FixtureRequest, names: Names) -> Iterator[ServerCase]
     )
     proxy.target = ("127.0.0.1", process.port)
     process.start()
-    proxy.start()
+    try:
+        proxy.start()
+    except BaseException:
+        process.stop()
+        raise
     if kind == "kafka":
         url = f"kafka://127.0.0.1:{proxy.port}?{KAFKA_OPTIONS.replace('timeout=3', 'timeout=2')}"
     else:

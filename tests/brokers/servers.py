@@ -116,16 +116,27 @@ class TcpProxy:
     def __init__(self, target_host: str, target_port: int) -> None:
         self.target = (target_host, target_port)
         self.port = free_port()
+        # Bound at once, so the port stays ours until the first start: a server started in
+        # between (it draws a free port too) could otherwise draw this one.
+        self._reserved: socket.socket | None = self._bind()
         self.black_hole = False  # accept connections but never forward a byte
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
 
+    def _bind(self) -> socket.socket:
+        listener = socket.socket()
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            listener.bind(("127.0.0.1", self.port))
+        except OSError:
+            listener.close()
+            raise
+        return listener
+
     def start(self) -> None:
         """Listen (again) on the same port."""
         assert self._thread is None, "already running"
-        listener = socket.socket()
-        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        listener.bind(("127.0.0.1", self.port))
+        listener, self._reserved = self._reserved or self._bind(), None
         listener.listen(64)
         listener.setblocking(False)
         self._stopping.clear()
@@ -134,6 +145,9 @@ class TcpProxy:
 
     def stop(self) -> None:
         """Close the listener and every connection, as a dead server would."""
+        if self._reserved is not None:  # never started
+            self._reserved.close()
+            self._reserved = None
         thread, self._thread = self._thread, None
         if thread is not None:
             self._stopping.set()

@@ -290,7 +290,11 @@ def outage_target(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Ta
         server = tansu_server(binary, advertised_port=proxy.port)
         proxy.target = ("127.0.0.1", server.port)
         server.start()
-        proxy.start()
+        try:
+            proxy.start()
+        except BaseException:
+            server.stop()
+            raise
         try:
             yield Target(
                 kind,
