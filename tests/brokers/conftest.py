@@ -182,7 +182,9 @@ def case(request: pytest.FixtureRequest, names: Names) -> Iterator[BrokerCase]:
         require_server(*RABBIT, "RabbitMQ")
         try:
             yield BrokerCase(
-                kind, "amqp://guest:guest@127.0.0.1:5672/?timeout=3", names,
+                kind,
+                "amqp://guest:guest@127.0.0.1:5672/?timeout=3",
+                names,
                 counts_redeliveries=False,
             )
         finally:
@@ -214,8 +216,13 @@ def server(request: pytest.FixtureRequest, names: Names) -> Iterator[ServerCase]
         proxy.start()
         try:
             yield ServerCase(
-                kind, f"amqp://guest:guest@127.0.0.1:{proxy.port}/?timeout=2", names,
-                counts_redeliveries=False, stop=proxy.stop, start=proxy.start, proxy=proxy,
+                kind,
+                f"amqp://guest:guest@127.0.0.1:{proxy.port}/?timeout=2",
+                names,
+                counts_redeliveries=False,
+                stop=proxy.stop,
+                start=proxy.start,
+                proxy=proxy,
             )
         finally:
             proxy.stop()
@@ -243,8 +250,13 @@ def server(request: pytest.FixtureRequest, names: Names) -> Iterator[ServerCase]
         url = f"redis://127.0.0.1:{proxy.port}/0?{REDIS_OPTIONS.replace('timeout=3', 'timeout=2')}"
     try:
         yield ServerCase(
-            kind, url, names, counts_redeliveries=kind == "redis",
-            stop=process.stop, start=process.start, proxy=proxy,
+            kind,
+            url,
+            names,
+            counts_redeliveries=kind == "redis",
+            stop=process.stop,
+            start=process.start,
+            proxy=proxy,
         )
     finally:
         proxy.stop()
@@ -254,6 +266,7 @@ def server(request: pytest.FixtureRequest, names: Names) -> Iterator[ServerCase]
             # producer's network thread ends shortly after it was told to.
             wait_until(
                 lambda: not any(t.name.startswith("kafka-python") for t in threading.enumerate()),
-                10, f"kafka-python threads ending ({[t.name for t in threading.enumerate()]})",
+                10,
+                f"kafka-python threads ending ({[t.name for t in threading.enumerate()]})",
             )
             gc.collect()

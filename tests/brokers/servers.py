@@ -89,10 +89,14 @@ def tansu_server(binary: str, advertised_port: int | None = None) -> ServerProce
 
     def argv(port: int) -> list[str]:
         return [
-            binary, "broker",
-            "--listener-url", f"tcp://127.0.0.1:{port}",
-            "--advertised-listener-url", f"tcp://127.0.0.1:{advertised_port or port}",
-            "--storage-engine", "memory://tansu/",
+            binary,
+            "broker",
+            "--listener-url",
+            f"tcp://127.0.0.1:{port}",
+            "--advertised-listener-url",
+            f"tcp://127.0.0.1:{advertised_port or port}",
+            "--storage-engine",
+            "memory://tansu/",
         ]
 
     return ServerProcess(argv)
@@ -103,8 +107,19 @@ def redis_server(binary: str) -> ServerProcess:
 
     def argv(port: int) -> list[str]:
         return [
-            binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-            "--appendonly", "no", "--daemonize", "no", "--protected-mode", "yes",
+            binary,
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--daemonize",
+            "no",
+            "--protected-mode",
+            "yes",
         ]
 
     return ServerProcess(argv)

@@ -127,7 +127,10 @@ async def test_runner_acks_after_the_handler_and_dead_letters_what_keeps_failing
 
     async with open_broker(case.url) as broker:
         runner = ConsumerRunner(
-            broker, [topic], group, handler,
+            broker,
+            [topic],
+            group,
+            handler,
             retry=RetryPolicy(max_attempts=3, backoff=0.01, jitter=0),
         )
         async with anyio.create_task_group() as tg:
@@ -176,7 +179,9 @@ async def test_a_refused_message_fails_alone_and_later_events_of_its_key(
         client.set(bad, "not a stream")  # XADD to it: WRONGTYPE
         client.close()
     batch = [
-        message(good, "k1", 1), message(bad, "k1", 2), message(good, "k1", 3),
+        message(good, "k1", 1),
+        message(bad, "k1", 2),
+        message(good, "k1", 3),
         message(good, "k2", 4),
     ]
     async with open_broker(case.url) as broker, open_consumer(broker, [good], group) as consumer:

@@ -194,8 +194,12 @@ def test_runner_arguments_are_checked() -> None:
 
 
 def test_a_failure_fails_the_later_events_of_its_key_only() -> None:
-    batch = [message("a", "k1", 1), message("b", "k1", 2), message("a", "k2", 3),
-             message("a", "k1", 4)]
+    batch = [
+        message("a", "k1", 1),
+        message("b", "k1", 2),
+        message("a", "k2", 3),
+        message("a", "k1", 4),
+    ]
     refused = PublishFailed("too large")
     results = fail_rest_of_key(batch, [None, refused, None, None])
     assert results[:3] == [None, refused, None]
@@ -206,6 +210,7 @@ def test_a_failure_fails_the_later_events_of_its_key_only() -> None:
 async def test_the_loop_thread_runs_coroutines_for_asyncio_and_trio_callers() -> None:
     loop_thread = LoopThread("test-loop")
     try:
+
         async def private() -> str:
             await asyncio.sleep(0.01)
             return "ran on asyncio"

@@ -699,9 +699,7 @@ async def test_a_write_batch_reads_rows_by_key_on_a_table_never_analyzed(pg_url:
         # SET LOCAL: the settings end with the batch's transaction, on its pooled connection.
         with storage.engine.connect() as conn:
             with conn.begin():
-                params = [
-                    _fence_params(fences[sid], SagaWrite(), 1.0) for sid in list(fences)[:2]
-                ]
+                params = [_fence_params(fences[sid], SagaWrite(), 1.0) for sid in list(fences)[:2]]
                 storage._fence_all(conn, params)
                 assert conn.exec_driver_sql("SHOW enable_seqscan").scalar() == "off"
             assert conn.exec_driver_sql("SHOW enable_seqscan").scalar() == "on"
