@@ -10,9 +10,10 @@ acknowledged. A batch never reorders a key: a key has one claim at a time, so it
 one claim, in sequence order, and a key's follow-up is published only after its claim's events.
 
 A caller cancelled while waiting leaves its claims queued: the leader publishes them before it
-lets go (the caller never learns how it went). A leader cancelled during a batch fails the
-batch's callers, whose claims then expire and go out through the relay, as a cancelled publish
-of its own always did.
+lets go (the caller never learns how it went); only if the lead had just been handed to that
+caller and nobody else waits do they stay queued, for the next caller's batch or, once they
+expire, the relay. A leader cancelled during a batch fails the batch's callers, whose claims
+then expire and go out through the relay, as a cancelled publish of its own always did.
 """
 
 from __future__ import annotations

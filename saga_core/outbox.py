@@ -289,29 +289,6 @@ class OutboxWorker:
         flight.unpublished = []
 
 
-async def publish_claims(
-    storage: OutboxStore,
-    broker: Broker,
-    claims: Sequence[ClaimedKey],
-    *,
-    retry_backoff: float,
-    dead_after: int,
-    follow: int = 0,
-) -> int:
-    """Publish the events of claimed keys in one batch and record the outcome per key.
-
-    Each key advances past its acknowledged prefix only; the first refused event counts an
-    attempt (and goes ``DEAD`` after ``dead_after``). ``BrokerUnavailable`` gives every key back
-    untouched and is raised again. With ``follow``, a key whose events were all sent is kept
-    while more of its events are committed, and those are published too. Returns how many
-    events were acknowledged.
-    """
-    outcomes = await _publish_outcomes(
-        storage, broker, claims, retry_backoff=retry_backoff, dead_after=dead_after, follow=follow
-    )
-    return sum(sent for _, sent, _ in outcomes)
-
-
 async def _publish_outcomes(
     storage: OutboxStore,
     broker: Broker,
@@ -321,7 +298,14 @@ async def _publish_outcomes(
     dead_after: int,
     follow: int = 0,
 ) -> list[_Outcome]:
-    """``publish_claims``, returning the outcome of every claim published, follow-ups too."""
+    """Publish the events of claimed keys in one batch and record the outcome per key;
+    returns the outcome of every claim published, follow-ups included.
+
+    Each key advances past its acknowledged prefix only; the first refused event counts an
+    attempt (and goes ``DEAD`` after ``dead_after``). ``BrokerUnavailable`` gives every key back
+    untouched and is raised again. With ``follow``, a key whose events were all sent is kept
+    while more of its events are committed, and those are published too.
+    """
     outcomes: list[_Outcome] = []
     while claims:
         done, claims = await _publish_round(

@@ -9,7 +9,7 @@ from typing import Any
 
 import anyio
 import pytest
-from sqlalchemy import Column, Integer, MetaData, String, Table, select, update
+from sqlalchemy import Column, Integer, MetaData, String, Table, event, select, update
 
 from saga_brokers import InMemoryBroker
 from saga_core import Inbox, Message, OutboxEvent, OutboxWorker, PublishFailed
@@ -167,6 +167,45 @@ async def test_prune_deletes_old_sent_rows_in_batches_and_keeps_order(
     _append(storage, "k", 25)  # the key's counters survived: its sequence goes on
     assert await OutboxWorker(storage, broker).drain() == 1
     assert _ns(broker, "k") == list(range(26))
+
+
+async def test_prune_walks_only_up_to_events_newer_than_the_cutoff(storage: SqlStorage) -> None:
+    """Pruning keeps unsent events and recent ones, and stops reading at the first window
+    that reaches events created after the cutoff (it does not walk the rest of the table)."""
+    broker = InMemoryBroker()
+    for n in range(15):
+        _append(storage, "a", n)
+    with storage.engine.begin() as conn:  # claimed by a publisher that never publishes
+        held = OutboxEvent(aggregate_type="acct", aggregate_id="held", event_type="t")
+        assert storage.append_outbox(held, conn=conn, claim=True) is not None
+    for n in range(15):
+        _append(storage, "b", n)
+    assert await OutboxWorker(storage, broker).drain() == 30
+    outbox = storage.tables.outbox
+    with storage.engine.begin() as conn:  # made and sent an hour ago
+        conn.execute(update(outbox).values(created_at=time.time() - 3601))
+        conn.execute(
+            update(outbox).where(outbox.c.status == "SENT").values(sent_at=time.time() - 3600)
+        )
+    for n in range(25):
+        _append(storage, "c", n)
+    assert await OutboxWorker(storage, broker).drain() == 25
+    windows: list[int] = []
+
+    def count(conn: Any, clause: Any, *args: Any) -> None:
+        if clause is storage.sql.prune_window:
+            windows.append(1)
+
+    event.listen(storage.engine, "before_execute", count)
+    try:
+        assert await storage.prune_outbox(older_than=60, batch=10) == 30
+    finally:
+        event.remove(storage.engine, "before_execute", count)
+    # 56 rows in id order, 31 old then 25 new: the fourth window reaches the new ones.
+    assert len(windows) == 4
+    with storage.engine.connect() as conn:
+        left = conn.execute(select(outbox.c.key, outbox.c.status)).all()
+    assert sorted(left) == sorted([("held", "PENDING")] + [("c", "SENT")] * 25)
 
 
 _md = MetaData()
