@@ -119,6 +119,22 @@ def dumps(value: object) -> str:
         local.busy = False
 
 
+# The C scanner ``json.loads`` ends in. ``json.loads`` first checks the argument's type, skips
+# leading whitespace with a regular expression, then checks what follows the value, all in
+# Python: three times the cost of the scan itself for a relayed event's headers (1.1 against
+# 4.3 us here), paid for every event of a relay round. Text stored by this library has no
+# whitespace around it, so the scan alone says everything; anything else goes the long way.
+_scan: Callable[[str, int], tuple[Any, int]] = json.JSONDecoder().scan_once  # type: ignore[attr-defined]
+
+
 def loads(text: str | bytes | None) -> Any:
-    """Parse JSON text; ``None`` stays ``None``."""
+    """Parse JSON text (what ``json.loads`` returns, or raises); ``None`` stays ``None``."""
+    if type(text) is str:
+        try:
+            value, end = _scan(text, 0)
+        except (StopIteration, ValueError):
+            pass  # not JSON from its first character: json.loads says why
+        else:
+            if end == len(text):
+                return value
     return None if text is None else json.loads(text)

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import ItemsView, Iterator, KeysView, Mapping, ValuesView
 from typing import Any
+
+from saga_core._json import loads
 
 
 class StoredHeaders(Mapping[str, str]):
@@ -24,7 +25,7 @@ class StoredHeaders(Mapping[str, str]):
 
     def _headers(self) -> dict[str, str]:
         if self._parsed is None:
-            self._parsed = json.loads(self.json)
+            self._parsed = loads(self.json)
         return self._parsed
 
     def __getitem__(self, name: str) -> str:

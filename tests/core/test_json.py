@@ -10,6 +10,8 @@ Properties:
   ``context['order'][2]['amount']``;
 * ``dumps`` writes exactly what ``json.dumps`` (sorted keys, no NaN) writes, also after it
   refused a value midway through the same containers;
+* ``loads`` of any text returns what ``json.loads`` returns, or raises what it raises: JSON as
+  ``dumps`` writes it, as other writers space it, cut short, padded, or any other text;
 * ``copy_json`` of a JSON value (also one holding subclasses, e.g. an ``OrderedDict``) equals
   ``copy.deepcopy`` of it, keeps every container's type, and shares no mutable container.
 """
@@ -238,3 +240,37 @@ def test_a_dumps_made_while_another_runs_on_the_same_thread_is_independent() -> 
     assert dumps(outer) == expected
     assert nested == [expected]
     assert dumps(outer) == expected  # nothing was left marked
+
+
+def _json_texts() -> st.SearchStrategy[str]:
+    written = json_values.map(dumps)
+    spaced = json_values.map(lambda v: json.dumps(v, indent=1))  # jsonb-like spacing
+    return st.one_of(
+        written,
+        spaced,
+        st.tuples(written, st.integers(0, 40)).map(lambda t: t[0][: t[1]]),  # cut short
+        st.tuples(
+            st.sampled_from(["", " ", "\n", "x", "}"]),
+            written,
+            st.sampled_from(["", " ", "\t", "1", "{"]),
+        ).map("".join),
+        st.text(max_size=20),
+        st.sampled_from(["NaN", "-Infinity", '"\\ud800"', "[1,]", "{}", '{"a":1}{"b":2}', "1e999"]),
+    )
+
+
+@given(_json_texts())
+def test_loads_is_json_loads(text: str) -> None:
+    """``loads`` (the C scanner alone, when the text is one value with nothing around it) is
+    ``json.loads`` for any text, errors included."""
+    try:
+        expected: Any = json.loads(text)
+    except ValueError as exc:
+        with pytest.raises(type(exc)) as caught:
+            loads(text)
+        assert str(caught.value) == str(exc)
+        return
+    got = loads(text)
+    assert got == expected or (got != got and expected != expected)  # NaN is not equal to NaN
+    assert type(got) is type(expected)
+    assert loads(None) is None
