@@ -24,7 +24,7 @@ class CompensationPhase(RunBase):
     """Undoes the affected steps of a failed saga in the order of its precedence ``P``."""
 
     # --- compensation --------------------------------------------------------------------
-    async def _compensate(self, background: TaskGroup) -> bool:
+    async def _compensate(self, background: TaskGroup | None) -> bool:
         graph = self.definition.graph
         # An attempt that never reported back (its worker died, or the saga was cancelled from
         # another process) may have acted: its outcome is unknown, so it is undone too.
@@ -68,7 +68,7 @@ class CompensationPhase(RunBase):
             launch_ready()
         return not failed and finished >= set(affected)
 
-    async def _run_compensation(self, name: str, background: TaskGroup) -> bool:
+    async def _run_compensation(self, name: str, background: TaskGroup | None) -> bool:
         sd = self.definition.step(name)
         comp = sd.compensation
         assert comp is not None

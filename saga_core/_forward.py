@@ -33,7 +33,7 @@ class ForwardPhase(RunBase):
     """Runs the forward steps of a saga, with retries, timeouts and failure strategies."""
 
     # --- forward -------------------------------------------------------------------------
-    async def _forward(self, background: TaskGroup) -> None:
+    async def _forward(self, background: TaskGroup | None) -> None:
         d = self.definition
         for name in d.order:
             row = self.steps[name]
@@ -50,8 +50,11 @@ class ForwardPhase(RunBase):
         # not closures: closures calling each other form a reference cycle, which only the
         # garbage collector frees, costly with thousands of sagas in flight.)
         while ready := self._take_ready():
-            if len(ready) == 1:  # nothing else is in flight here
-                await self._step_task(None, background, ready[0])
+            if len(ready) == 1:  # nothing else is in flight here: no task, no group
+                name = ready[0]
+                self._step_done(
+                    None, background, name, await self._run_step(d.step(name), background)
+                )
                 continue
             async with anyio.create_task_group() as tg:
                 for name in ready:
@@ -77,8 +80,16 @@ class ForwardPhase(RunBase):
         self._in_flight += len(ready)
         return ready
 
-    async def _step_task(self, tg: TaskGroup | None, background: TaskGroup, name: str) -> None:
-        ok = await self._run_step(self.definition.step(name), background)
+    async def _step_task(self, tg: TaskGroup, background: TaskGroup | None, name: str) -> None:
+        self._step_done(
+            tg, background, name, await self._run_step(self.definition.step(name), background)
+        )
+
+    def _step_done(
+        self, tg: TaskGroup | None, background: TaskGroup | None, name: str, ok: bool
+    ) -> None:
+        """After step ``name`` ended: stop its siblings under fail_fast if it failed, else start
+        in ``tg`` what it unblocked (a lone step's caller takes the next ones itself)."""
         self._in_flight -= 1
         if not ok:
             if self.saga.fail_fast:
@@ -87,7 +98,7 @@ class ForwardPhase(RunBase):
             for s in self._take_ready():
                 tg.start_soon(self._step_task, tg, background, s)
 
-    async def _run_step(self, sd: StepDefinition, background: TaskGroup) -> bool:
+    async def _run_step(self, sd: StepDefinition, background: TaskGroup | None) -> bool:
         """Run one step with its retries; True if it succeeded."""
         name = sd.name
         attempt = self.steps[name].attempts
@@ -343,19 +354,17 @@ class ForwardPhase(RunBase):
             or self._stop.is_set()
         ):
             return []
-        d = self.definition
-        return [
-            s
-            for s in d.order
-            if s != name
-            and s not in self._started
-            and s not in self._prestarted
-            and name in d.step(s).depends_on
-            and all(
-                dep == name or self.steps[dep].status == StepStatus.SUCCEEDED
-                for dep in d.step(s).depends_on
-            )
-        ]
+        d, steps, started, prestarted = self.definition, self.steps, self._started, self._prestarted
+        ready: list[str] = []
+        for s in d.dependents[name]:  # plain loops: see _record_success
+            if s in started or s in prestarted:
+                continue
+            for dep in d.step(s).depends_on:
+                if dep != name and steps[dep].status != StepStatus.SUCCEEDED:
+                    break
+            else:
+                ready.append(s)
+        return ready
 
     async def _record_failure(
         self,
@@ -385,7 +394,7 @@ class ForwardPhase(RunBase):
             self.reason = _forward_reason(sd, clean)
         return False
 
-    def _settle_thread(self, name: str, background: TaskGroup, *, given_up: bool) -> None:
+    def _settle_thread(self, name: str, background: TaskGroup | None, *, given_up: bool) -> None:
         """After a step's outcome is recorded: if its thread was given up on, record what it
         really did once it returns. Its compensation waits for ``late_recorded``."""
         watch = self.threads.get(name)
@@ -394,6 +403,7 @@ class ForwardPhase(RunBase):
         if not given_up:
             watch.late_recorded.set()
             return
+        assert background is not None  # a run whose steps use threads has its task group
         background.start_soon(self._record_late, name, watch)
 
     async def _record_late(self, name: str, watch: ThreadWatch) -> None:

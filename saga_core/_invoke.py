@@ -68,14 +68,15 @@ async def call_user(
     timeout: float | None,
     what: str,
     limiter: anyio.CapacityLimiter | None,
-    background: TaskGroup,
+    background: TaskGroup | None,
     on_thread: Callable[[ThreadWatch], None],
 ) -> Any:
     """Call ``fn(arg)`` with a per-attempt timeout (``StepTimeout`` when exceeded).
 
     A sync ``fn`` runs in a worker thread whose :class:`ThreadWatch` is given to ``on_thread``
     first, so the caller can still wait for the thread if this call is cancelled; ``limiter``
-    bounds those threads (a sync ``fn`` needs one).
+    bounds those threads, and the thread's waiter runs in ``background`` (a sync ``fn`` needs
+    both).
     """
     if is_async:
         coro_fn: Callable[[Any], Awaitable[Any]] = fn
@@ -87,8 +88,8 @@ async def call_user(
             raise StepTimeout(f"{what} timed out after {timeout:g}s")
         raise AssertionError("unreachable")  # pragma: no cover
 
-    if limiter is None:
-        raise ValueError(f"{what}: a sync call needs a thread limiter")
+    if limiter is None or background is None:
+        raise ValueError(f"{what}: a sync call needs a thread limiter and a task group")
     watch = ThreadWatch()
 
     def target() -> None:

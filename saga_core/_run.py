@@ -23,6 +23,7 @@ if sys.version_info < (3, 11):
 from saga_core._compensation import CompensationPhase
 from saga_core._forward import ForwardPhase
 from saga_core._leases import LeaseKeeper
+from saga_core._loop_local import cancel_scope
 from saga_core._run_base import (
     CANCELLED,
     COMPENSATION_FAILED,
@@ -48,14 +49,24 @@ class SagaRun(ForwardPhase, CompensationPhase):
         try:
             try:
                 lease.start()
-                async with anyio.create_task_group() as background:
-                    # The group's own scope is the work scope: one scope less per run.
-                    self._work_scope = background.cancel_scope
-                    self._background = background
-                    await self._drive(background)
+                if self.publisher is None and not self.definition.uses_threads:
+                    # Nothing will run beside the steps (no publish, no worker thread to wait
+                    # for): a cancel scope is all the run needs, and thousands of runs at once
+                    # each spare a task group (its enter and exit, and its objects).
+                    with cancel_scope() as self._work_scope:
+                        await self._drive(None)
+                else:
+                    async with anyio.create_task_group() as background:
+                        # The group's own scope is the work scope: one scope less per run.
+                        self._work_scope = background.cancel_scope
+                        self._background = background
+                        await self._drive(background)
             except BaseException as exc:
                 if not ((self.lost or self.suspended) and _only(exc, LeaseLost)):
-                    raise
+                    inner = _alone(exc)
+                    if inner is exc:
+                        raise
+                    raise inner from inner.__cause__
             finally:
                 lease.stop()
         except anyio.get_cancelled_exc_class():
@@ -76,7 +87,7 @@ class SagaRun(ForwardPhase, CompensationPhase):
         self._stop_steps()
 
     # --- phases --------------------------------------------------------------------------
-    async def _drive(self, background: TaskGroup) -> None:
+    async def _drive(self, background: TaskGroup | None) -> None:
         if await self._count_crashes():
             return
         if self.status == SagaStatus.PENDING:
@@ -163,6 +174,14 @@ class SagaRun(ForwardPhase, CompensationPhase):
             reason=reason,
         )
         self.outcome = RunOutcome(self._snapshot(), f.cause if f else None, dict(self.comp_errors))
+
+
+def _alone(exc: BaseException) -> BaseException:
+    """The one exception a run's task group wrapped (its background tasks never raise), so
+    that a run ends with the same error with or without a group; anything else as it is."""
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return exc
 
 
 def _only(exc: BaseException, kind: type[BaseException]) -> bool:

@@ -126,6 +126,30 @@ class SagaDefinition:
         """Step names in declaration order."""
         return tuple(s.name for s in self.steps)
 
+    @functools.cached_property
+    def roots(self) -> tuple[str, ...]:
+        """Steps without dependencies, in declaration order (a saga's first steps)."""
+        return tuple(s.name for s in self.steps if not s.depends_on)
+
+    @functools.cached_property
+    def dependents(self) -> Mapping[str, tuple[str, ...]]:
+        """For each step, the steps that depend on it directly, in forward order."""
+        out: dict[str, list[str]] = {s.name: [] for s in self.steps}
+        for name in self.order:
+            for dep in self.step(name).depends_on:
+                out[dep].append(name)
+        return {name: tuple(names) for name, names in out.items()}
+
+    @functools.cached_property
+    def uses_threads(self) -> bool:
+        """Whether a step or compensation is a sync function run in a worker thread (a
+        transactional step runs in the storage's thread, as part of its write)."""
+        return any(
+            (not s.is_async and not s.transactional)
+            or (s.compensation is not None and not s.compensation.is_async)
+            for s in self.steps
+        )
+
 
 def _names(value: str | Iterable[str] | None, what: str) -> tuple[str, ...]:
     if value is None:

@@ -726,3 +726,9 @@ def test_saga_classes_follow_the_reference_model(spec: SagaSpec, data: st.DataOb
         assert (sd.compensation is not None) == (s in spec.compensatable)
         assert set(d.ancestors[s]) == {t for t, u in forward if u == s}
         assert list(d.ancestors[s]) == [t for t in d.order if t in d.ancestors[s]]
+        # What a run reads instead of scanning the steps: direct dependents in forward order,
+        # the steps without dependencies, whether any step needs a worker thread.
+        assert list(d.dependents[s]) == [t for t in d.order if s in spec.depends_on.get(t, ())]
+    assert d.roots == tuple(s for s in spec.steps if not spec.depends_on.get(s))
+    # (the generated compensations are sync functions)
+    assert d.uses_threads == (set(async_steps) != set(spec.steps) or bool(spec.compensatable))

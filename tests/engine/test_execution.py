@@ -10,12 +10,16 @@ import pytest
 
 from saga_brokers import InMemoryBroker
 from saga_core import (
+    DeclarativeSaga,
     OutboxWorker,
     SagaFailed,
     SagaOrchestrator,
     SagaStatus,
+    StepContext,
     StepStatus,
+    step,
 )
+from saga_core.records import Fence, SagaWrite
 from saga_storage import SqlStorage
 from tests.engine.sagas import (
     LOG,
@@ -270,3 +274,56 @@ async def test_hundred_concurrent_sagas_compensate_only_their_own(storage: SqlSt
             assert undone(sid) == []
     counts = {s: len(await storage.list_sagas(status=s, limit=1000)) for s in SagaStatus}
     assert counts[SagaStatus.COMPLETED] == 50 and counts[SagaStatus.COMPENSATED] == 50
+
+
+class _AsyncSteps(DeclarativeSaga):
+    """Only async steps: without a broker its run has no task group, only a cancel scope."""
+
+    saga_type = "test-error-surface-async"
+
+    @step()
+    async def first(self, ctx: StepContext) -> dict[str, Any]:
+        return {"first": 1}
+
+    @step(depends_on=["first"])
+    async def second(self, ctx: StepContext) -> dict[str, Any]:
+        return {"second": 1}
+
+
+class _ThreadStep(_AsyncSteps):
+    """A sync step (a worker thread): its run has a task group."""
+
+    saga_type = "test-error-surface-thread"
+
+    @step(depends_on=["first"])
+    def second(self, ctx: StepContext) -> dict[str, Any]:
+        return {"second": 1}
+
+
+@pytest.mark.parametrize("saga_cls", [_AsyncSteps, _ThreadStep])
+@pytest.mark.parametrize("with_broker", [False, True], ids=["no-broker", "broker"])
+async def test_an_unexpected_error_reaches_the_caller_as_itself(
+    storage: SqlStorage,
+    saga_cls: type[DeclarativeSaga],
+    with_broker: bool,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A run keeps a task group only when something runs beside its steps (a publish, a
+    worker thread). With or without one, an error the engine does not expect (the storage
+    failing with a RuntimeError, as a bug would) reaches ``execute()``'s caller as itself, not
+    wrapped in an ExceptionGroup by some runs and not by others."""
+    real = storage.write
+
+    def write(fence: Fence, change: SagaWrite, **kw: Any) -> Any:
+        if change.events:  # the first step's success
+
+            async def fail() -> Any:
+                raise RuntimeError("storage bug")
+
+            return fail()
+        return real(fence, change, **kw)
+
+    monkeypatch.setattr(storage, "write", write)
+    orch = SagaOrchestrator(storage, InMemoryBroker() if with_broker else None)
+    with pytest.raises(RuntimeError, match="storage bug"):
+        await orch.execute(saga_cls(), context={})
