@@ -115,7 +115,7 @@ def config_from(args: argparse.Namespace) -> SuiteConfig:
     )
     outbox = config.outbox
     if args.events is not None:
-        outbox = replace(outbox, events=args.events)
+        outbox = replace(outbox, events=args.events, rabbitmq_events=None)
     if args.per_key is not None:
         outbox = replace(outbox, per_key=args.per_key)
     saga = config.saga

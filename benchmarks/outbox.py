@@ -22,7 +22,7 @@ import math
 import statistics
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import anyio
@@ -63,14 +63,26 @@ class OutboxSizes:
     repeats: int = 3
     #: Events of the peer's outbox cases (sagaz relays ~1,000 ev/s here), if not ``events``.
     peer_events: int | None = None
+    #: Events of our relay cases against RabbitMQ, if not ``events``: publisher confirms take
+    #: 2,500-7,000 messages/s on the machines of docs/benchmarks.md, so its cases, ours and
+    #: the raw client's three times each, took a fifth of a quick run at 5,000 events.
+    rabbitmq_events: int | None = None
 
     @property
     def round_size(self) -> int:
         """Messages one relay round publishes (the raw baselines' batch)."""
         return min(self.events, BATCH_KEYS * min(self.per_key, BATCH_EVENTS))
 
+    def for_broker(self, kind: str) -> OutboxSizes:
+        """These sizes for a relay case against broker ``kind``."""
+        if kind == "rabbitmq" and self.rabbitmq_events is not None:
+            return replace(self, events=self.rabbitmq_events)
+        return self
 
-QUICK_OUTBOX = OutboxSizes(events=5_000, latency_events=100, repeats=3, peer_events=2_000)
+
+QUICK_OUTBOX = OutboxSizes(
+    events=5_000, latency_events=100, repeats=3, peer_events=2_000, rabbitmq_events=2_000
+)
 FULL_OUTBOX = OutboxSizes()
 
 
@@ -117,6 +129,7 @@ async def _prepare_topic(target: BrokerTarget, topic: str) -> None:
 async def relay_case(storage_kind: str, target: BrokerTarget, sizes: OutboxSizes) -> dict[str, Any]:
     """Commit then relay ``sizes.events`` events, with both baselines of this case measured
     right after; ``sizes.repeats`` times, combined by :func:`combine_runs`."""
+    sizes = sizes.for_broker(target.kind)
     runs = []
     for _ in range(max(1, sizes.repeats)):
         with fresh_database(storage_kind) as db:
