@@ -52,9 +52,8 @@ class ForwardPhase(RunBase):
         while ready := self._take_ready():
             if len(ready) == 1:  # nothing else is in flight here: no task, no group
                 name = ready[0]
-                self._step_done(
-                    None, background, name, await self._run_step(d.step(name), background)
-                )
+                ok = await self._run_step(d.step(name), background)
+                self._step_done(None, background, name, ok)
                 continue
             async with anyio.create_task_group() as tg:
                 for name in ready:
@@ -81,9 +80,8 @@ class ForwardPhase(RunBase):
         return ready
 
     async def _step_task(self, tg: TaskGroup, background: TaskGroup | None, name: str) -> None:
-        self._step_done(
-            tg, background, name, await self._run_step(self.definition.step(name), background)
-        )
+        ok = await self._run_step(self.definition.step(name), background)
+        self._step_done(tg, background, name, ok)
 
     def _step_done(
         self, tg: TaskGroup | None, background: TaskGroup | None, name: str, ok: bool
